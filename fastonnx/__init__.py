@@ -1,0 +1,21 @@
+"""fastonnx: fast sparse INT8 transformer encoders on CPUs, inside ONNX Runtime.
+
+The native kernels live in two artifacts built from ``custom_ops/``:
+
+* ``libfastonnx_ops.so`` — the ORT custom-op library (domain ``com.fastonnx``), loadable by any
+  ORT session through :func:`get_library_path`;
+* ``fastonnx._native`` — a pybind11 module used to pack weights and to test kernels.
+"""
+
+from __future__ import annotations
+
+from fastonnx._version import __version__
+from fastonnx.runtime import OP_DOMAIN, get_library_path, make_session, session_options
+
+__all__ = [
+    "OP_DOMAIN",
+    "__version__",
+    "get_library_path",
+    "make_session",
+    "session_options",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from fastonnx.cli import main
+
+sys.exit(main())
