@@ -1,0 +1,158 @@
+// AVX-512 pieces shared by the AVX-512 VNNI and AMX paths: activation quantization, the
+// row-major epilogue (with a vector GELU) and a 16x16 transpose. Everything here is static with
+// a target attribute, so no AVX-512 code can leak into a baseline translation unit.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "linear.h"
+
+#define FASTONNX_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma")))
+
+namespace fastonnx {
+namespace avx512 {
+
+FASTONNX_AVX512 static inline __m512 exp_ps(__m512 x) {
+  // exp(x) = 2^n * exp(r), r = x - n*ln2 in [-ln2/2, ln2/2]; degree-6 Taylor on r.
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// erf via Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), odd symmetry for x < 0.
+FASTONNX_AVX512 static inline __m512 erf_ps(__m512 x) {
+  const __m512 ax = _mm512_abs_ps(x);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f),
+                                 _mm512_fmadd_ps(ax, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+  p = _mm512_mul_ps(p, t);
+  const __m512 e = exp_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), ax), ax));
+  const __m512 y = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.f));
+  // Copy x's sign onto y.
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN));
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), sign));
+}
+
+FASTONNX_AVX512 static inline __m512 gelu_ps(__m512 x) {
+  const __m512 e = erf_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x),
+                       _mm512_add_ps(_mm512_set1_ps(1.f), e));
+}
+
+// round(x / scale) + zero_point, clamped to [0, 255], as int32 lanes (NaN -> 0).
+FASTONNX_AVX512 static inline __m512i quantize_ps(__m512 x, __m512 scale, __m512 zero_point) {
+  __m512 q = _mm512_roundscale_ps(_mm512_div_ps(x, scale),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  q = _mm512_add_ps(q, zero_point);
+  q = _mm512_min_ps(_mm512_max_ps(q, _mm512_setzero_ps()), _mm512_set1_ps(255.f));
+  return _mm512_cvtps_epi32(q);
+}
+
+FASTONNX_AVX512 static inline __mmask16 tail_mask(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+}
+
+// Quantizes rows of X to uint8, bit-identical to scalar::row_quant_params/quantize.
+FASTONNX_AVX512 static inline void quantize_rows(const float* x, int64_t rows, int64_t k,
+                                                 bool per_tensor, float x_scale, uint8_t x_zp,
+                                                 float* row_scale, int32_t* row_zp, uint8_t* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * k;
+    if (per_tensor) {
+      row_scale[r] = x_scale;
+      row_zp[r] = x_zp;
+    } else {
+      __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+      for (int64_t i = 0; i < k; i += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(tail_mask(k - i), xr + i);
+        lo = _mm512_min_ps(lo, v);
+        hi = _mm512_max_ps(hi, v);
+      }
+      scalar::quant_params_from_range(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi),
+                                      &row_scale[r], &row_zp[r]);
+    }
+    const __m512 scale = _mm512_set1_ps(row_scale[r]);
+    const __m512 zp = _mm512_set1_ps(static_cast<float>(row_zp[r]));
+    for (int64_t i = 0; i < k; i += 16) {
+      const __mmask16 m = tail_mask(k - i);
+      const __m512i q = quantize_ps(_mm512_maskz_loadu_ps(m, xr + i), scale, zp);
+      _mm_mask_storeu_epi8(out + r * k + i, m, _mm512_cvtepi32_epi8(q));
+    }
+  }
+}
+
+// Epilogue of one output row: acc[0..count) holds row `row`, columns n0..n0+count (count <= 16).
+FASTONNX_AVX512 static inline void epilogue_row(const LinearKernel::Epilogue& e, int64_t row,
+                                                int64_t n0, int64_t count, const int32_t* acc) {
+  const __mmask16 m = tail_mask(count);
+  const __m512i a = _mm512_maskz_loadu_epi32(m, acc);
+  if (e.args == nullptr) {
+    _mm512_mask_storeu_epi32(e.raw + row * e.n + n0, m, a);
+    return;
+  }
+  const LinearArgs& args = *e.args;
+  const __m512i wsum = _mm512_maskz_loadu_epi32(m, e.wsum + n0);
+  const __m512i d = _mm512_sub_epi32(a, _mm512_mullo_epi32(_mm512_set1_epi32(e.row_zp[row]), wsum));
+  const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(e.row_scale[row]),
+                                     _mm512_maskz_loadu_ps(m, e.wscale + n0));
+  __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(d), scale);
+  if (args.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, args.bias + n0));
+  if (args.activation == Activation::kGelu) y = gelu_ps(y);
+  const int64_t off = row * e.n + n0;
+  if (args.residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, args.residual + off));
+  if (args.y) {
+    _mm512_mask_storeu_ps(args.y + off, m, y);
+  } else {
+    const __m512i q = quantize_ps(y, _mm512_set1_ps(args.y_scale),
+                                  _mm512_set1_ps(static_cast<float>(args.y_zero_point)));
+    _mm_mask_storeu_epi8(args.yq + off, m, _mm512_cvtepi32_epi8(q));
+  }
+}
+
+// dst[c * 16 + r] = src[r * src_stride + c] for a 16x16 block of int32.
+FASTONNX_AVX512 static inline void transpose16x16(const int32_t* src, int64_t src_stride,
+                                                  int32_t* dst) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * src_stride);
+  for (int i = 0; i < 8; ++i) {  // 32-bit interleave of row pairs
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // 64-bit interleave: r[4i+j] lane L = column 4L+j of rows 4i..
+    r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // 4x4 transpose of 128-bit lanes across row groups
+    const __m512i x0 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x44);
+    const __m512i x1 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xEE);
+    const __m512i x2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44);
+    const __m512i x3 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xEE);
+    _mm512_storeu_si512(dst + (0 + j) * 16, _mm512_shuffle_i32x4(x0, x2, 0x88));
+    _mm512_storeu_si512(dst + (4 + j) * 16, _mm512_shuffle_i32x4(x0, x2, 0xDD));
+    _mm512_storeu_si512(dst + (8 + j) * 16, _mm512_shuffle_i32x4(x1, x3, 0x88));
+    _mm512_storeu_si512(dst + (12 + j) * 16, _mm512_shuffle_i32x4(x1, x3, 0xDD));
+  }
+}
+
+}  // namespace avx512
+}  // namespace fastonnx

@@ -1,0 +1,140 @@
+// AVX2 path (no VNNI): the same weight-stationary 1x4-group scheme as the AVX-512 VNNI path,
+// with 8-row tiles. Activations are widened to int16 and multiplied with vpmaddwd, which is
+// exact (vpmaddubsw would saturate u8*s8 pair sums at int16).
+//   blocks of up to 32 rows (T = 1..4 tiles of 8 rows); inside a block, int16 element
+//   ((g * T + t) * 2 + h) * 16 + r * 2 + i  =  xq[row 8t + r][4g + 2h + i].
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "aligned_buffer.h"
+#include "linear.h"
+#include "sparse_groups.h"
+
+#define FASTONNX_AVX2 __attribute__((target("avx2,fma")))
+
+namespace fastonnx {
+namespace {
+
+constexpr int64_t kTileRows = 8;
+constexpr int64_t kMaxTiles = 4;
+constexpr int64_t kBlockRows = kTileRows * kMaxTiles;
+constexpr int64_t kChannelsPerTask = 16;
+
+struct Group {
+  uint32_t kg;
+  int32_t w01;  // weights 0 and 1 as two int16
+  int32_t w23;
+};
+
+int32_t pair(int8_t lo, int8_t hi) {
+  return static_cast<int32_t>(static_cast<uint16_t>(int16_t{lo}) |
+                              (static_cast<uint32_t>(static_cast<uint16_t>(int16_t{hi})) << 16));
+}
+
+template <int T>
+FASTONNX_AVX2 static void dot_channel(const int16_t* xb, const Group* g, const Group* end,
+                                      int32_t* out) {
+  __m256i acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
+  for (; g < end; ++g) {
+    const __m256i w01 = _mm256_set1_epi32(g->w01), w23 = _mm256_set1_epi32(g->w23);
+    const int16_t* p = xb + size_t{g->kg} * (T * 32);
+    for (int t = 0; t < T; ++t) {
+      const __m256i lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(p + t * 32));
+      const __m256i hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(p + t * 32 + 16));
+      acc[t] = _mm256_add_epi32(acc[t], _mm256_add_epi32(_mm256_madd_epi16(lo, w01),
+                                                         _mm256_madd_epi16(hi, w23)));
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm256_store_si256(reinterpret_cast<__m256i*>(out + t * 8), acc[t]);
+}
+
+using DotFn = void (*)(const int16_t*, const Group*, const Group*, int32_t*);
+constexpr DotFn kDot[kMaxTiles + 1] = {nullptr, dot_channel<1>, dot_channel<2>, dot_channel<3>,
+                                       dot_channel<4>};
+
+class LinearAvx2 final : public LinearKernel {
+ public:
+  explicit LinearAvx2(const PackedWeightView& view)
+      : LinearKernel(view.n, view.k), groups_along_k_((int64_t{view.k} + 3) / 4) {
+    set_channel_data(view);
+    const RowGroups rg = row_groups_1x4(view);
+    row_ptr_ = rg.row_ptr;
+    groups_ = AlignedBuffer<Group>(rg.kg.size());
+    for (size_t i = 0; i < rg.kg.size(); ++i) {
+      const auto& w = rg.w[i];
+      groups_[i] = Group{rg.kg[i], pair(w[0], w[1]), pair(w[2], w[3])};
+    }
+  }
+  Isa isa() const override { return Isa::kAvx2; }
+  std::string name() const override { return "s8u8_spmm_1x4_m32__avx2"; }
+
+ protected:
+  void compute(const uint8_t* xq, int64_t m, const Epilogue& epi,
+               const Runner& runner) const override {
+    const int64_t kp = groups_along_k_ * 4;
+    const int64_t mp = (m + kTileRows - 1) / kTileRows * kTileRows;
+    const int64_t blocks = (mp + kBlockRows - 1) / kBlockRows;
+    AlignedBuffer<int16_t> packed(size_t(mp * kp), /*zero=*/true);
+
+    auto pack_task = [&](size_t b) { pack_block(xq, m, mp, int64_t(b), packed.data()); };
+    run_tasks(runner, size_t(blocks), pack_task);
+
+    const int64_t chunks = (n() + kChannelsPerTask - 1) / kChannelsPerTask;
+    auto gemm_task = [&](size_t task) {
+      gemm_block(packed.data(), m, mp, int64_t(task) / chunks, int64_t(task) % chunks, epi);
+    };
+    run_tasks(runner, size_t(blocks * chunks), gemm_task);
+  }
+
+ private:
+  static int64_t tiles_in_block(int64_t mp, int64_t b) {
+    return std::min(kMaxTiles, (mp - b * kBlockRows) / kTileRows);
+  }
+
+  void pack_block(const uint8_t* xq, int64_t m, int64_t mp, int64_t b, int16_t* packed) const {
+    const int64_t k = this->k(), kp = groups_along_k_ * 4, T = tiles_in_block(mp, b);
+    int16_t* dst = packed + b * kBlockRows * kp;
+    const int64_t r1 = std::min(m, b * kBlockRows + T * kTileRows);
+    for (int64_t row = b * kBlockRows; row < r1; ++row) {
+      const int64_t local = row - b * kBlockRows, t = local / kTileRows, r = local % kTileRows;
+      const uint8_t* src = xq + row * k;
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t g = i / 4, h = (i % 4) / 2;
+        dst[((g * T + t) * 2 + h) * 16 + r * 2 + (i % 2)] = src[i];
+      }
+    }
+  }
+
+  void gemm_block(const int16_t* packed, int64_t m, int64_t mp, int64_t b, int64_t chunk,
+                  const Epilogue& epi) const {
+    const int64_t kp = groups_along_k_ * 4, T = tiles_in_block(mp, b);
+    const int16_t* xb = packed + b * kBlockRows * kp;
+    const int64_t n0 = chunk * kChannelsPerTask;
+    const int64_t count = std::min(kChannelsPerTask, n() - n0);
+    alignas(32) int32_t acc[kChannelsPerTask][kBlockRows];  // [n][m]
+    int32_t row_acc[kChannelsPerTask];
+    for (int64_t j = 0; j < count; ++j) {
+      kDot[T](xb, groups_.data() + row_ptr_[size_t(n0 + j)],
+              groups_.data() + row_ptr_[size_t(n0 + j + 1)], acc[j]);
+    }
+    const int64_t rows = std::min(T * kTileRows, m - b * kBlockRows);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < count; ++j) row_acc[j] = acc[j][r];
+      scalar::epilogue(epi, b * kBlockRows + r, n0, count, row_acc);
+    }
+  }
+
+  int64_t groups_along_k_;
+  std::vector<uint32_t> row_ptr_;
+  AlignedBuffer<Group> groups_;
+};
+
+}  // namespace
+
+std::unique_ptr<LinearKernel> make_linear_avx2(const PackedWeightView& view) {
+  return std::make_unique<LinearAvx2>(view);
+}
+
+}  // namespace fastonnx

@@ -1,0 +1,88 @@
+// The portable packed-weight format stored in ONNX files (an uint8 initializer).
+//
+// A weight W has shape [N, K] (PyTorch's [out, in] layout) with int8 values and one float scale
+// per output channel: W_float[n, k] = scale[n] * W[n, k]. It is cut into blocks of
+// block_rows x block_cols (output channels x input features); only blocks holding a non-zero
+// value are stored, in block-compressed-sparse-row order.
+//
+// Layout (little-endian), version 1:
+//   BlobHeader (48 bytes)
+//   float    scale[N]
+//   uint32   row_ptr[ceil(N / block_rows) + 1]   block-row r owns blocks row_ptr[r]..row_ptr[r+1]
+//   uint32   col_idx[nnz_blocks]                 block column, strictly increasing within a row
+//   int8     values[nnz_blocks * block_rows * block_cols]   each block row-major; cells past the
+//                                                 edge of W (ragged N or K) are zero
+// payload_crc32 covers everything after the header, so a corrupted blob is caught at load.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fastonnx {
+
+inline constexpr char kBlobMagic[4] = {'F', 'X', 'S', 'W'};
+inline constexpr uint16_t kBlobVersion = 1;
+
+struct BlockShape {
+  uint32_t rows = 1;  // output channels per block
+  uint32_t cols = 4;  // input features per block
+  bool operator==(const BlockShape& o) const { return rows == o.rows && cols == o.cols; }
+};
+
+// Block shapes the packer accepts. 1x4 is one VNNI group of one output channel (the finest the
+// VNNI/AVX2 kernels exploit); 16x64 is one AMX B tile, which the AMX kernel skips whole.
+const std::vector<BlockShape>& supported_block_shapes();
+bool is_supported_block_shape(BlockShape shape);
+
+#pragma pack(push, 1)
+struct BlobHeader {
+  char magic[4];
+  uint16_t version;
+  uint16_t header_bytes;
+  uint32_t n;
+  uint32_t k;
+  uint32_t block_rows;
+  uint32_t block_cols;
+  uint32_t nnz_blocks;
+  uint32_t flags;  // reserved, 0
+  uint32_t payload_crc32;
+  uint32_t reserved;
+  uint64_t payload_bytes;
+};
+#pragma pack(pop)
+static_assert(sizeof(BlobHeader) == 48, "BlobHeader layout is part of the file format");
+
+// A validated, read-only view into a blob (which must outlive the view).
+struct PackedWeightView {
+  uint32_t n = 0;
+  uint32_t k = 0;
+  BlockShape block;
+  uint32_t nnz_blocks = 0;
+  const float* scale = nullptr;
+  const uint32_t* row_ptr = nullptr;
+  const uint32_t* col_idx = nullptr;
+  const int8_t* values = nullptr;
+
+  uint32_t block_row_count() const { return (n + block.rows - 1) / block.rows; }
+  uint32_t block_col_count() const { return (k + block.cols - 1) / block.cols; }
+  // Fraction of blocks that are all zero (not stored).
+  double block_sparsity() const;
+};
+
+// Packs a dense int8 weight [n, k] (row-major) and per-channel scales into a blob.
+// Throws std::invalid_argument for an unsupported block shape, empty shape or bad scales.
+std::vector<uint8_t> pack_weight(const int8_t* w, uint32_t n, uint32_t k, const float* scale,
+                                 BlockShape block);
+
+// Validates a blob and returns a view into it. Throws std::invalid_argument with a message
+// naming what is wrong (magic, version, sizes, checksum, indices, padding).
+PackedWeightView parse_packed_weight(const uint8_t* data, size_t size);
+
+// Dense int8 [n, k] from a view.
+std::vector<int8_t> unpack_weight(const PackedWeightView& view);
+
+uint32_t crc32(const uint8_t* data, size_t size);
+
+}  // namespace fastonnx

@@ -1,0 +1,290 @@
+#include "sparse_linear_op.h"
+
+#include <climits>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../kernels/linear.h"
+#include "../kernels/packed_weight.h"
+
+namespace fastonnx::ort {
+namespace {
+
+// Named input slots (see docs/operators.md).
+enum Input : size_t {
+  kX = 0,
+  kW = 1,
+  kBias = 2,
+  kXScale = 3,
+  kXZeroPoint = 4,
+  kResidual = 5,
+  kYScale = 6,      // SparseLinearU8 only
+  kYZeroPoint = 7,  // SparseLinearU8 only
+};
+
+const char* op_name(bool quantized_output) {
+  return quantized_output ? "SparseLinearU8" : "SparseLinear";
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+[[noreturn]] void fail(const std::string& op, const std::string& what) {
+  throw std::invalid_argument(op + ": " + what);
+}
+
+// Runs kernel tasks on ORT's intra-op thread pool.
+class OrtRunner final : public Runner {
+ public:
+  explicit OrtRunner(OrtKernelContext* ctx) : ctx_(ctx) {}
+  void parallel_for(size_t count, TaskFn fn, void* data) const override {
+    if (count <= 1) {
+      if (count == 1) fn(data, 0);
+      return;
+    }
+    Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(ctx_, fn, count, 0, data));
+  }
+
+ private:
+  OrtKernelContext* ctx_;
+};
+
+class SparseLinearKernel {
+ public:
+  SparseLinearKernel(const OrtKernelInfo* info, bool quantized_output)
+      : quantized_output_(quantized_output), name_(op_name(quantized_output)) {
+    Ort::ConstKernelInfo ki(info);
+    activation_ = read_activation(info);
+    int is_constant = 0;
+    Ort::ConstValue w = ki.GetTensorConstantInput(kW, &is_constant);
+    if (!is_constant || !w) {
+      fail(name_, "input W (the packed weight) must be a constant initializer");
+    }
+    const auto w_info = w.GetTensorTypeAndShapeInfo();
+    if (w_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ||
+        w_info.GetShape().size() != 1) {
+      fail(name_, "input W must be a 1-D uint8 tensor (a packed weight from fastonnx)");
+    }
+    const auto* data = w.GetTensorData<uint8_t>();
+    const size_t size = w_info.GetElementCount();
+    // Validate and re-lay the weight out for this CPU once; the blob itself is not kept.
+    const PackedWeightView view = parse_packed_weight(data, size);
+    kernel_ = make_linear_kernel(view);
+    const std::string msg = std::string("fastonnx ") + name_ + " '" + node_name(ki) + "': kernel " +
+                            kernel_->name() + ", N=" + std::to_string(view.n) +
+                            ", K=" + std::to_string(view.k) + ", block " +
+                            std::to_string(view.block.rows) + "x" + std::to_string(view.block.cols) +
+                            ", block sparsity " + std::to_string(view.block_sparsity());
+    static_cast<void>(ki.GetLogger().LogMessage(ORT_LOGGING_LEVEL_INFO, __FILE__, __LINE__, __func__,
+                                                msg.c_str()));
+  }
+
+  void compute(OrtKernelContext* context) const {
+    Ort::KernelContext ctx(context);
+    const size_t inputs = ctx.GetInputCount();
+    auto input = [&](size_t i) -> Ort::ConstValue {
+      return i < inputs ? ctx.GetInput(i) : Ort::ConstValue(nullptr);
+    };
+    const int64_t n = kernel_->n(), k = kernel_->k();
+
+    Ort::ConstValue x = input(kX);
+    const auto x_info = x.GetTensorTypeAndShapeInfo();
+    std::vector<int64_t> shape = x_info.GetShape();
+    const auto x_type = x_info.GetElementType();
+    if (shape.empty() || shape.back() != k) {
+      fail(name_, "X has shape " + shape_str(shape) + " but the packed weight expects " +
+                      std::to_string(k) + " input features in its last dimension");
+    }
+    LinearArgs args;
+    args.m = std::accumulate(shape.begin(), shape.end() - 1, int64_t{1}, std::multiplies<>());
+    if (x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+      args.x = x.GetTensorData<float>();
+    } else if (x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
+      args.xq = x.GetTensorData<uint8_t>();
+    } else {
+      fail(name_, "X must be float32 or uint8 (element type " + std::to_string(x_type) + ")");
+    }
+
+    if (Ort::ConstValue s = input(kXScale)) {
+      args.per_tensor = true;
+      args.x_scale = scalar<float>(s, "x_scale", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+      if (Ort::ConstValue zp = input(kXZeroPoint)) {
+        args.x_zero_point = scalar<uint8_t>(zp, "x_zero_point", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+      }
+    } else if (args.xq) {
+      fail(name_, "a uint8 X needs x_scale (and x_zero_point)");
+    }
+
+    if (Ort::ConstValue b = input(kBias)) {
+      const auto bi = b.GetTensorTypeAndShapeInfo();
+      if (bi.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || bi.GetElementCount() != size_t(n)) {
+        fail(name_, "bias must be float32 with " + std::to_string(n) + " elements, got shape " +
+                        shape_str(bi.GetShape()));
+      }
+      args.bias = b.GetTensorData<float>();
+    }
+    shape.back() = n;
+    if (Ort::ConstValue r = input(kResidual)) {
+      const auto ri = r.GetTensorTypeAndShapeInfo();
+      if (ri.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || ri.GetShape() != shape) {
+        fail(name_, "residual must be float32 with the output's shape " + shape_str(shape) +
+                        ", got " + shape_str(ri.GetShape()));
+      }
+      args.residual = r.GetTensorData<float>();
+    }
+    args.activation = activation_;
+
+    Ort::UnownedValue y = ctx.GetOutput(0, shape);
+    if (quantized_output_) {
+      Ort::ConstValue ys = input(kYScale);
+      if (!ys) fail(name_, "y_scale is required");
+      args.y_scale = scalar<float>(ys, "y_scale", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+      if (Ort::ConstValue zp = input(kYZeroPoint)) {
+        args.y_zero_point = scalar<uint8_t>(zp, "y_zero_point", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+      }
+      args.yq = y.GetTensorMutableData<uint8_t>();
+    } else {
+      args.y = y.GetTensorMutableData<float>();
+    }
+    kernel_->run(args, OrtRunner(context));
+  }
+
+ private:
+  static Activation read_activation(const OrtKernelInfo* info) {
+    const OrtApi& api = Ort::GetApi();
+    size_t size = 0;
+    OrtStatus* status = api.KernelInfoGetAttribute_string(info, "activation", nullptr, &size);
+    if (status != nullptr) {  // attribute absent
+      api.ReleaseStatus(status);
+      return Activation::kNone;
+    }
+    std::string value(size, '\0');
+    Ort::ThrowOnError(api.KernelInfoGetAttribute_string(info, "activation", value.data(), &size));
+    value.resize(std::strlen(value.c_str()));
+    if (value == "none" || value.empty()) return Activation::kNone;
+    if (value == "gelu") return Activation::kGelu;
+    throw std::invalid_argument("activation='" + value + "' is not one of: none, gelu");
+  }
+
+  static std::string node_name(const Ort::ConstKernelInfo& ki) {
+    try {
+      return ki.GetNodeName();
+    } catch (const std::exception&) {
+      return "?";
+    }
+  }
+
+  template <class T>
+  T scalar(const Ort::ConstValue& v, const char* what, ONNXTensorElementDataType type) const {
+    const auto info = v.GetTensorTypeAndShapeInfo();
+    if (info.GetElementType() != type || info.GetElementCount() != 1) {
+      fail(name_, std::string(what) + " must be a single " +
+                      (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? "float32" : "uint8") +
+                      " value, got shape " + shape_str(info.GetShape()));
+    }
+    return *v.GetTensorData<T>();
+  }
+
+  bool quantized_output_;
+  const char* name_;
+  Activation activation_ = Activation::kNone;
+  std::unique_ptr<LinearKernel> kernel_;
+};
+
+// Every callback converts exceptions to an OrtStatus: nothing may unwind through ORT's C ABI.
+OrtStatusPtr to_status(const std::exception& e) {
+  const bool bad_input = dynamic_cast<const std::invalid_argument*>(&e) != nullptr;
+  return Ort::GetApi().CreateStatus(bad_input ? ORT_INVALID_ARGUMENT : ORT_FAIL, e.what());
+}
+
+OrtStatusPtr ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*,
+                                        const OrtKernelInfo* info, void** kernel) noexcept {
+  try {
+    const auto* self = static_cast<const SparseLinearOp*>(op);
+    *kernel = new SparseLinearKernel(info, self->quantized_output);
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::exception& e) {
+    return to_status(e);
+  } catch (...) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, "fastonnx: unknown error creating kernel");
+  }
+}
+
+OrtStatusPtr ORT_API_CALL compute(void* kernel, OrtKernelContext* context) noexcept {
+  try {
+    static_cast<const SparseLinearKernel*>(kernel)->compute(context);
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::exception& e) {
+    return to_status(e);
+  } catch (...) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, "fastonnx: unknown error in compute");
+  }
+}
+
+void ORT_API_CALL destroy_kernel(void* kernel) noexcept {
+  delete static_cast<SparseLinearKernel*>(kernel);
+}
+
+size_t input_count(bool quantized_output) { return quantized_output ? 8 : 6; }
+
+}  // namespace
+
+SparseLinearOp::SparseLinearOp(bool quantized) : OrtCustomOp{}, quantized_output(quantized) {
+  version = ORT_API_VERSION;
+  GetName = [](const OrtCustomOp* op) {
+    return op_name(static_cast<const SparseLinearOp*>(op)->quantized_output);
+  };
+  GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return nullptr; };
+  GetInputTypeCount = [](const OrtCustomOp* op) {
+    return input_count(static_cast<const SparseLinearOp*>(op)->quantized_output);
+  };
+  GetInputType = [](const OrtCustomOp*, size_t index) {
+    switch (index) {
+      case kX: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // float32 or uint8
+      case kW:
+      case kXZeroPoint:
+      case kYZeroPoint: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+      default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+  };
+  GetInputCharacteristic = [](const OrtCustomOp*, size_t index) {
+    return index <= kW ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  };
+  GetOutputTypeCount = [](const OrtCustomOp*) { return size_t{1}; };
+  GetOutputType = [](const OrtCustomOp* op, size_t) {
+    return static_cast<const SparseLinearOp*>(op)->quantized_output
+               ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
+               : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  };
+  GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+  GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+  GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 0; };
+  GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 0; };
+  CreateKernel = nullptr;
+  KernelCompute = nullptr;
+  CreateKernelV2 = create_kernel;
+  KernelComputeV2 = compute;
+  KernelDestroy = destroy_kernel;
+  InferOutputShapeFn = nullptr;
+  GetStartVersion = [](const OrtCustomOp*) { return 1; };
+  GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
+  GetMayInplace = nullptr;
+  ReleaseMayInplace = nullptr;
+  GetAliasMap = nullptr;
+  ReleaseAliasMap = nullptr;
+}
+
+}  // namespace fastonnx::ort

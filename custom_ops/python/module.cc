@@ -1,0 +1,277 @@
+// fastonnx._native: weight packing and direct kernel calls from Python (used by the graph passes
+// at optimize time, by the tests and by `fastonnx bench kernels`).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <atomic>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "../kernels/cpu_features.h"
+#include "../kernels/linear.h"
+#include "../kernels/packed_weight.h"
+
+namespace py = pybind11;
+using namespace fastonnx;
+
+namespace {
+
+template <class T>
+using Array = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+// Plain std::thread runner: tasks are handed out through an atomic counter.
+class ThreadRunner final : public Runner {
+ public:
+  explicit ThreadRunner(int threads) : threads_(std::max(1, threads)) {}
+  void parallel_for(size_t count, TaskFn fn, void* ctx) const override {
+    const size_t workers = std::min<size_t>(size_t(threads_), count);
+    if (workers <= 1) {
+      for (size_t i = 0; i < count; ++i) fn(ctx, i);
+      return;
+    }
+    std::atomic<size_t> next{0};
+    auto work = [&] {
+      for (size_t i; (i = next.fetch_add(1)) < count;) fn(ctx, i);
+    };
+    std::vector<std::thread> pool;
+    for (size_t t = 1; t < workers; ++t) pool.emplace_back(work);
+    work();
+    for (auto& t : pool) t.join();
+  }
+
+ private:
+  int threads_;
+};
+
+std::optional<Isa> isa_arg(const std::optional<std::string>& name) {
+  if (!name || *name == "auto") return std::nullopt;
+  const auto isa = parse_isa(*name);
+  if (!isa) throw std::invalid_argument("unknown ISA '" + *name + "' (amx, avx512_vnni, avx2, ref)");
+  return isa;
+}
+
+std::string blob_string(const py::buffer& blob) {
+  const py::buffer_info info = blob.request();
+  if (info.itemsize != 1) throw std::invalid_argument("packed weight must be bytes or a uint8 array");
+  return std::string(static_cast<const char*>(info.ptr), size_t(info.size));
+}
+
+// Copies the blob into 4-byte-aligned storage (Python bytes give no alignment promise).
+struct OwnedBlob {
+  explicit OwnedBlob(const py::buffer& blob) {
+    const std::string s = blob_string(blob);
+    words.resize((s.size() + 3) / 4);
+    std::memcpy(words.data(), s.data(), s.size());
+    size = s.size();
+  }
+  const uint8_t* data() const { return reinterpret_cast<const uint8_t*>(words.data()); }
+  PackedWeightView view() const { return parse_packed_weight(data(), size); }
+  std::vector<uint32_t> words;
+  size_t size = 0;
+};
+
+py::tuple shape_tuple(BlockShape b) { return py::make_tuple(b.rows, b.cols); }
+
+BlockShape shape_arg(const std::pair<uint32_t, uint32_t>& s) { return BlockShape{s.first, s.second}; }
+
+// A weight prepared for one kernel path; calls release the GIL.
+class PyLinear {
+ public:
+  PyLinear(const py::buffer& blob, const std::optional<std::string>& isa) {
+    const OwnedBlob owned(blob);
+    const PackedWeightView view = owned.view();
+    kernel_ = make_linear_kernel(view, isa_arg(isa));
+  }
+
+  py::array call(const py::array& x, const std::optional<Array<float>>& bias,
+                 std::optional<float> x_scale, uint8_t x_zero_point,
+                 const std::optional<Array<float>>& residual, const std::string& activation,
+                 std::optional<float> y_scale, uint8_t y_zero_point, int threads) const {
+    const int64_t n = kernel_->n(), k = kernel_->k();
+    if (x.ndim() < 1 || x.shape(x.ndim() - 1) != k) {
+      throw std::invalid_argument("x must have " + std::to_string(k) + " features in its last dimension");
+    }
+    std::vector<py::ssize_t> out_shape(x.shape(), x.shape() + x.ndim());
+    out_shape.back() = n;
+    LinearArgs args;
+    args.m = x.size() / k;
+    Array<float> xf;
+    Array<uint8_t> xu;
+    if (x.dtype().is(py::dtype::of<uint8_t>())) {
+      xu = Array<uint8_t>::ensure(x);
+      args.xq = xu.data();
+    } else {
+      xf = Array<float>::ensure(x);
+      if (!xf) throw std::invalid_argument("x must be float32 or uint8");
+      args.x = xf.data();
+    }
+    if (x_scale) {
+      args.per_tensor = true;
+      args.x_scale = *x_scale;
+      args.x_zero_point = x_zero_point;
+    }
+    if (bias) {
+      if (bias->size() != n) throw std::invalid_argument("bias must have " + std::to_string(n) + " elements");
+      args.bias = bias->data();
+    }
+    if (residual) {
+      if (residual->size() != args.m * n) throw std::invalid_argument("residual must have the output's shape");
+      args.residual = residual->data();
+    }
+    if (activation == "gelu") {
+      args.activation = Activation::kGelu;
+    } else if (activation != "none") {
+      throw std::invalid_argument("activation must be 'none' or 'gelu'");
+    }
+    py::array out;
+    if (y_scale) {
+      Array<uint8_t> yq(out_shape);
+      args.yq = yq.mutable_data();
+      args.y_scale = *y_scale;
+      args.y_zero_point = y_zero_point;
+      out = yq;
+    } else {
+      Array<float> y(out_shape);
+      args.y = y.mutable_data();
+      out = y;
+    }
+    {
+      py::gil_scoped_release release;
+      kernel_->run(args, ThreadRunner(threads));
+    }
+    return out;
+  }
+
+  Array<int32_t> accumulate(const Array<uint8_t>& xq, int threads) const {
+    if (xq.ndim() != 2 || xq.shape(1) != kernel_->k()) {
+      throw std::invalid_argument("xq must be uint8 [M, " + std::to_string(kernel_->k()) + "]");
+    }
+    Array<int32_t> acc({xq.shape(0), py::ssize_t(kernel_->n())});
+    {
+      py::gil_scoped_release release;
+      kernel_->accumulate(xq.data(), xq.shape(0), acc.mutable_data(), ThreadRunner(threads));
+    }
+    return acc;
+  }
+
+  std::string name() const { return kernel_->name(); }
+  std::string isa() const { return isa_name(kernel_->isa()); }
+  int64_t n() const { return kernel_->n(); }
+  int64_t k() const { return kernel_->k(); }
+
+ private:
+  std::unique_ptr<LinearKernel> kernel_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "fastonnx native kernels: weight packing and sparse INT8 linear layers";
+
+  m.def("cpu_features", [] {
+    const CpuFeatures& f = cpu_features();
+    py::dict d;
+    d["vendor"] = f.vendor;
+    d["avx2"] = f.avx2;
+    d["fma"] = f.fma;
+    d["avx512f"] = f.avx512f;
+    d["avx512bw"] = f.avx512bw;
+    d["avx512dq"] = f.avx512dq;
+    d["avx512vl"] = f.avx512vl;
+    d["avx512_vnni"] = f.avx512_vnni;
+    d["amx_tile"] = f.amx_tile;
+    d["amx_int8"] = f.amx_int8;
+    d["amx_os_permitted"] = f.amx_os_permitted;
+    return d;
+  }, "Detected CPU features (usable by this process).");
+  m.def("all_isas", [] {
+    std::vector<std::string> out;
+    for (Isa i : {Isa::kRef, Isa::kAvx2, Isa::kAvx512Vnni, Isa::kAmx}) out.push_back(isa_name(i));
+    return out;
+  }, "Every kernel path fastonnx has, portable first.");
+  m.def("available_isas", [] {
+    std::vector<std::string> out;
+    for (Isa i : available_isas()) out.push_back(isa_name(i));
+    return out;
+  }, "Kernel paths this machine can run, portable first.");
+  m.def("isa_unavailable_reason", [](const std::string& name) {
+    const auto isa = isa_arg(name);
+    return isa ? isa_unavailable_reason(*isa) : std::string();
+  });
+  m.def("best_isa", [] { return std::string(isa_name(best_isa())); });
+  m.def("forced_isa", [] {
+    const auto isa = forced_isa_from_env();
+    return isa ? std::optional<std::string>(isa_name(*isa)) : std::nullopt;
+  }, "The path FASTONNX_ISA forces (None when unset); ValueError when it cannot run here.");
+  m.def("supported_block_shapes", [] {
+    py::list out;
+    for (BlockShape b : fastonnx::supported_block_shapes()) out.append(shape_tuple(b));
+    return out;
+  }, "Block shapes (rows=output channels, cols=input features) the packer accepts.");
+  m.def("preferred_block_shape", [](const std::optional<std::string>& isa) {
+    const auto chosen = isa_arg(isa);
+    return shape_tuple(preferred_block_shape(chosen ? *chosen : best_isa()));
+  }, py::arg("isa") = py::none(),
+     "The block shape the kernels of this machine (or of `isa`) exploit best.");
+
+  m.def("pack_weight", [](const Array<int8_t>& w, const Array<float>& scale,
+                          std::pair<uint32_t, uint32_t> block) {
+    if (w.ndim() != 2) throw std::invalid_argument("w must be int8 [N, K]");
+    const auto n = uint32_t(w.shape(0)), k = uint32_t(w.shape(1));
+    if (scale.ndim() != 1 || scale.shape(0) != py::ssize_t(n)) {
+      throw std::invalid_argument("scale must be float32 [N] with N=" + std::to_string(n));
+    }
+    std::vector<uint8_t> blob;
+    {
+      py::gil_scoped_release release;
+      blob = pack_weight(w.data(), n, k, scale.data(), shape_arg(block));
+    }
+    return py::bytes(reinterpret_cast<const char*>(blob.data()), blob.size());
+  }, py::arg("w"), py::arg("scale"), py::arg("block_shape") = std::make_pair(1u, 4u),
+     "Packs int8 W [N, K] (PyTorch [out, in] layout) and per-channel scales into a blob.");
+
+  m.def("unpack_weight", [](const py::buffer& blob) {
+    const OwnedBlob owned(blob);
+    const PackedWeightView v = owned.view();
+    const std::vector<int8_t> w = unpack_weight(v);
+    Array<int8_t> wa({py::ssize_t(v.n), py::ssize_t(v.k)});
+    std::copy(w.begin(), w.end(), wa.mutable_data());
+    Array<float> sa(py::ssize_t(v.n));
+    std::copy(v.scale, v.scale + v.n, sa.mutable_data());
+    return py::make_tuple(wa, sa, shape_tuple(v.block));
+  }, "Validates a blob and returns (W int8 [N, K], scale float32 [N], block_shape).");
+
+  m.def("weight_info", [](const py::buffer& blob) {
+    const OwnedBlob owned(blob);
+    const PackedWeightView v = owned.view();
+    py::dict d;
+    d["n"] = v.n;
+    d["k"] = v.k;
+    d["block_shape"] = shape_tuple(v.block);
+    d["nnz_blocks"] = v.nnz_blocks;
+    d["block_sparsity"] = v.block_sparsity();
+    d["format_version"] = kBlobVersion;
+    d["nbytes"] = owned.size;
+    return d;
+  });
+  m.attr("FORMAT_VERSION") = kBlobVersion;
+
+  py::class_<PyLinear>(m, "Linear", "A packed weight prepared for one kernel path.")
+      .def(py::init<const py::buffer&, const std::optional<std::string>&>(), py::arg("blob"),
+           py::arg("isa") = py::none())
+      .def("__call__", &PyLinear::call, py::arg("x"), py::arg("bias") = py::none(),
+           py::arg("x_scale") = py::none(), py::arg("x_zero_point") = 0,
+           py::arg("residual") = py::none(), py::arg("activation") = "none",
+           py::arg("y_scale") = py::none(), py::arg("y_zero_point") = 0, py::arg("threads") = 1,
+           "Y = act(dequant(quant(x) @ W^T) + bias) + residual; uint8 Y when y_scale is given.")
+      .def("accumulate", &PyLinear::accumulate, py::arg("xq"), py::arg("threads") = 1,
+           "Raw int32 xq @ W^T (no zero-point compensation).")
+      .def_property_readonly("name", &PyLinear::name)
+      .def_property_readonly("isa", &PyLinear::isa)
+      .def_property_readonly("n", &PyLinear::n)
+      .def_property_readonly("k", &PyLinear::k);
+}

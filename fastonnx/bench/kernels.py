@@ -1,0 +1,202 @@
+"""`fastonnx bench kernels`: the sparse INT8 linear op against ORT's fp32 MatMul and int8
+DynamicQuantizeMatMul on the same shapes, each as a one-node ORT session, interleaved.
+
+Dimensions: M rows (batch x sequence), K input features, N output features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from fastonnx.bench.timing import Timing, time_interleaved
+from fastonnx.runtime import OP_DOMAIN, session_options
+
+# (name, K, N): the linear layers of one encoder block.
+SHAPES = {
+    "minilm": [("qkv", 384, 1152), ("attn_out", 384, 384), ("ffn1", 384, 1536), ("ffn2", 1536, 384)],
+    "distilbert": [
+        ("qkv", 768, 2304),
+        ("attn_out", 768, 768),
+        ("ffn1", 768, 3072),
+        ("ffn2", 3072, 768),
+    ],
+}
+DEFAULT_SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95)
+_IR_VERSION = 10  # ORT 1.31 loads IR <= 13; onnx would otherwise write its newest
+
+
+@dataclass
+class KernelRow:
+    model: str
+    layer: str
+    m: int
+    k: int
+    n: int
+    sparsity: float
+    kernel: str
+    fp32_matmul: Timing
+    int8_dynamic: Timing
+    fastonnx: Timing
+
+    @property
+    def gops(self) -> float:
+        """Dense-equivalent GOP/s of the fastonnx op (2*M*K*N per run)."""
+        return 2 * self.m * self.k * self.n / (self.fastonnx.median_ms * 1e6)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["dense_equivalent_gops"] = self.gops
+        d["speedup_vs_int8_dynamic"] = self.int8_dynamic.median_ms / self.fastonnx.median_ms
+        d["speedup_vs_fp32_matmul"] = self.fp32_matmul.median_ms / self.fastonnx.median_ms
+        return d
+
+
+def block_sparse_int8(n: int, k: int, sparsity: float, block: tuple[int, int], rng) -> np.ndarray:
+    """Random int8 W [N, K] with exactly round(sparsity * blocks) all-zero blocks."""
+    br, bc = block
+    rows, cols = -(-n // br), -(-k // bc)
+    keep = np.ones(rows * cols, dtype=bool)
+    keep[rng.permutation(rows * cols)[: int(round(sparsity * rows * cols))]] = False
+    mask = np.kron(keep.reshape(rows, cols), np.ones(block, dtype=bool))[:n, :k]
+    w = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
+    w[w == 0] = 1  # kept blocks stay non-zero, so sparsity is what was asked
+    return np.where(mask, w, 0).astype(np.int8)
+
+
+def _model(node: onnx.NodeProto, inits: list[onnx.TensorProto], m: int, k: int, n: int, domains):
+    graph = helper.make_graph(
+        [node],
+        "bench",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])],
+        initializer=inits,
+    )
+    opsets = [helper.make_opsetid("", 17)] + [helper.make_opsetid(d, 1) for d in domains]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = _IR_VERSION
+    return model.SerializeToString()
+
+
+def build_sessions(w: np.ndarray, scale: np.ndarray, blob: bytes, m: int, threads: int):
+    import onnxruntime as ort
+
+    n, k = w.shape
+    w_float = (w.astype(np.float32) * scale[:, None]).T.copy()  # [K, N]
+    fp32 = _model(
+        helper.make_node("MatMul", ["X", "W"], ["Y"]),
+        [onnx.numpy_helper.from_array(w_float, "W")],
+        m, k, n, [],
+    )
+    dq = _model(
+        helper.make_node(
+            "DynamicQuantizeMatMul", ["X", "B", "b_scale"], ["Y"], domain="com.microsoft"
+        ),
+        [
+            onnx.numpy_helper.from_array(w.T.copy(), "B"),
+            onnx.numpy_helper.from_array(scale.astype(np.float32), "b_scale"),
+        ],
+        m, k, n, ["com.microsoft"],
+    )
+    sparse = _model(
+        helper.make_node("SparseLinear", ["X", "Wp"], ["Y"], domain=OP_DOMAIN),
+        [onnx.numpy_helper.from_array(np.frombuffer(blob, dtype=np.uint8), "Wp")],
+        m, k, n, [OP_DOMAIN],
+    )
+    plain = ort.SessionOptions()
+    plain.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    return [
+        ort.InferenceSession(fp32, plain, providers=providers),
+        ort.InferenceSession(dq, plain, providers=providers),
+        ort.InferenceSession(sparse, session_options(threads), providers=providers),
+    ]
+
+
+def run(
+    models=("minilm", "distilbert"),
+    sparsities=DEFAULT_SPARSITIES,
+    m: int = 128,
+    block: tuple[int, int] | None = None,
+    threads: int = 1,
+    warmup: int = 10,
+    runs: int = 50,
+    seed: int = 0,
+    progress=None,
+) -> list[KernelRow]:
+    from fastonnx import _native
+
+    block = tuple(block or _native.preferred_block_shape())
+    rng = np.random.default_rng(seed)
+    x = {"X": None}
+    rows = []
+    jobs = [(mod, s, sp) for mod in models for s in SHAPES[mod] for sp in sparsities]
+    for i, (model, (layer, k, n), sparsity) in enumerate(jobs):
+        w = block_sparse_int8(n, k, sparsity, block, rng)
+        scale = (rng.random(n, dtype=np.float32) * 0.01 + 1e-3).astype(np.float32)
+        blob = _native.pack_weight(w, scale, block)
+        sessions = build_sessions(w, scale, blob, m, threads)
+        x["X"] = rng.standard_normal((m, k), dtype=np.float32)
+        fns = [lambda s=s: s.run(None, x) for s in sessions]
+        t = time_interleaved(fns, warmup=warmup, runs=runs)
+        kernel = _native.Linear(blob).name
+        rows.append(KernelRow(model, layer, m, k, n, sparsity, kernel, *t))
+        if progress:
+            progress(i + 1, len(jobs), rows[-1])
+    return rows
+
+
+def environment(threads: int) -> dict:
+    import onnxruntime as ort
+
+    from fastonnx import __version__, _native
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    features = _native.cpu_features()
+    return {
+        "cpu": cpu,
+        "cpu_features": [k for k, v in features.items() if v is True],
+        "onnxruntime": ort.__version__,
+        "fastonnx": __version__,
+        "threads": threads,
+        "kernel_path": os.environ.get("FASTONNX_ISA") or _native.best_isa(),
+        "load_average": os.getloadavg(),
+    }
+
+
+def format_table(rows: list[KernelRow]) -> str:
+    head = (
+        f"{'model':<10} {'layer':<8} {'KxN':>10} {'sparse':>6} | {'fp32 MatMul':>16} | "
+        f"{'int8 DynQMatMul':>16} | {'fastonnx':>16} | {'GOP/s':>6} | {'vs int8':>7} {'vs fp32':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        def cell(t: Timing) -> str:
+            return f"{t.median_ms:7.3f}/{t.p90_ms:7.3f}"
+
+        lines.append(
+            f"{r.model:<10} {r.layer:<8} {f'{r.k}x{r.n}':>10} {r.sparsity:>6.0%} | "
+            f"{cell(r.fp32_matmul):>16} | {cell(r.int8_dynamic):>16} | {cell(r.fastonnx):>16} | "
+            f"{r.gops:6.0f} | {r.int8_dynamic.median_ms / r.fastonnx.median_ms:6.2f}x "
+            f"{r.fp32_matmul.median_ms / r.fastonnx.median_ms:6.2f}x"
+        )
+    lines.append("times: median/p90 ms per call; GOP/s: dense-equivalent (2*M*K*N) for fastonnx")
+    return "\n".join(lines)
+
+
+def write_json(path: str, rows: list[KernelRow], env: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"environment": env, "rows": [r.as_dict() for r in rows]}, f, indent=2)
+    os.replace(tmp, path)
