@@ -3,7 +3,13 @@
 // a target attribute, so no AVX-512 code can leak into a baseline translation unit.
 #pragma once
 
+// GCC 12's AVX-512 headers use deliberately uninitialized values in masked intrinsics and warn
+// about their own code at every use; silence that for the header only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 
 #include <cstdint>
 
@@ -57,9 +63,9 @@ FASTONNX_AVX512 static inline __m512 gelu_ps(__m512 x) {
                        _mm512_add_ps(_mm512_set1_ps(1.f), e));
 }
 
-// round(x / scale) + zero_point, clamped to [0, 255], as int32 lanes (NaN -> 0).
-FASTONNX_AVX512 static inline __m512i quantize_ps(__m512 x, __m512 scale, __m512 zero_point) {
-  __m512 q = _mm512_roundscale_ps(_mm512_div_ps(x, scale),
+// round(x * inv_scale) + zero_point, clamped to [0, 255], as int32 lanes (NaN -> 0).
+FASTONNX_AVX512 static inline __m512i quantize_ps(__m512 x, __m512 inv_scale, __m512 zero_point) {
+  __m512 q = _mm512_roundscale_ps(_mm512_mul_ps(x, inv_scale),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   q = _mm512_add_ps(q, zero_point);
   q = _mm512_min_ps(_mm512_max_ps(q, _mm512_setzero_ps()), _mm512_set1_ps(255.f));
@@ -89,11 +95,11 @@ FASTONNX_AVX512 static inline void quantize_rows(const float* x, int64_t rows, i
       scalar::quant_params_from_range(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi),
                                       &row_scale[r], &row_zp[r]);
     }
-    const __m512 scale = _mm512_set1_ps(row_scale[r]);
+    const __m512 inv_scale = _mm512_set1_ps(1.f / row_scale[r]);
     const __m512 zp = _mm512_set1_ps(static_cast<float>(row_zp[r]));
     for (int64_t i = 0; i < k; i += 16) {
       const __mmask16 m = tail_mask(k - i);
-      const __m512i q = quantize_ps(_mm512_maskz_loadu_ps(m, xr + i), scale, zp);
+      const __m512i q = quantize_ps(_mm512_maskz_loadu_ps(m, xr + i), inv_scale, zp);
       _mm_mask_storeu_epi8(out + r * k + i, m, _mm512_cvtepi32_epi8(q));
     }
   }
@@ -121,15 +127,15 @@ FASTONNX_AVX512 static inline void epilogue_row(const LinearKernel::Epilogue& e,
   if (args.y) {
     _mm512_mask_storeu_ps(args.y + off, m, y);
   } else {
-    const __m512i q = quantize_ps(y, _mm512_set1_ps(args.y_scale),
+    const __m512i q = quantize_ps(y, _mm512_set1_ps(1.f / args.y_scale),
                                   _mm512_set1_ps(static_cast<float>(args.y_zero_point)));
     _mm_mask_storeu_epi8(args.yq + off, m, _mm512_cvtepi32_epi8(q));
   }
 }
 
-// dst[c * 16 + r] = src[r * src_stride + c] for a 16x16 block of int32.
+// dst[c * dst_stride + r] = src[r * src_stride + c] for a 16x16 block of int32.
 FASTONNX_AVX512 static inline void transpose16x16(const int32_t* src, int64_t src_stride,
-                                                  int32_t* dst) {
+                                                  int32_t* dst, int64_t dst_stride = 16) {
   __m512i r[16], t[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * src_stride);
   for (int i = 0; i < 8; ++i) {  // 32-bit interleave of row pairs
@@ -147,10 +153,10 @@ FASTONNX_AVX512 static inline void transpose16x16(const int32_t* src, int64_t sr
     const __m512i x1 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xEE);
     const __m512i x2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x44);
     const __m512i x3 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xEE);
-    _mm512_storeu_si512(dst + (0 + j) * 16, _mm512_shuffle_i32x4(x0, x2, 0x88));
-    _mm512_storeu_si512(dst + (4 + j) * 16, _mm512_shuffle_i32x4(x0, x2, 0xDD));
-    _mm512_storeu_si512(dst + (8 + j) * 16, _mm512_shuffle_i32x4(x1, x3, 0x88));
-    _mm512_storeu_si512(dst + (12 + j) * 16, _mm512_shuffle_i32x4(x1, x3, 0xDD));
+    _mm512_storeu_si512(dst + (0 + j) * dst_stride, _mm512_shuffle_i32x4(x0, x2, 0x88));
+    _mm512_storeu_si512(dst + (4 + j) * dst_stride, _mm512_shuffle_i32x4(x0, x2, 0xDD));
+    _mm512_storeu_si512(dst + (8 + j) * dst_stride, _mm512_shuffle_i32x4(x1, x3, 0x88));
+    _mm512_storeu_si512(dst + (12 + j) * dst_stride, _mm512_shuffle_i32x4(x1, x3, 0xDD));
   }
 }
 

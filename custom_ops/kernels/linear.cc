@@ -82,9 +82,9 @@ void quant_params_from_range(float lo, float hi, float* scale, int32_t* zero_poi
   *zero_point = static_cast<int32_t>(std::fmin(std::fmax(std::nearbyint(-lo / *scale), 0.f), 255.f));
 }
 
-uint8_t quantize(float x, float scale, int32_t zero_point) {
+uint8_t quantize(float x, float inv_scale, int32_t zero_point) {
   // fmax/fmin (not clamp) so NaN maps to 0 exactly as the vector paths do.
-  const float q = std::nearbyint(x / scale) + static_cast<float>(zero_point);
+  const float q = std::nearbyint(x * inv_scale) + static_cast<float>(zero_point);
   return static_cast<uint8_t>(std::fmin(std::fmax(q, 0.f), 255.f));
 }
 
@@ -108,7 +108,7 @@ void epilogue(const LinearKernel::Epilogue& e, int64_t row, int64_t n0, int64_t 
     if (a.y) {
       a.y[row * e.n + n] = y;
     } else {
-      a.yq[row * e.n + n] = quantize(y, a.y_scale, a.y_zero_point);
+      a.yq[row * e.n + n] = quantize(y, 1.f / a.y_scale, a.y_zero_point);
     }
   }
 }
@@ -181,7 +181,8 @@ void LinearKernel::quantize_rows(const float* x, int64_t rows, bool per_tensor, 
     } else {
       scalar::row_quant_params(xr, k_, &row_scale[r], &row_zp[r]);
     }
-    for (int64_t i = 0; i < k_; ++i) out[r * k_ + i] = scalar::quantize(xr[i], row_scale[r], row_zp[r]);
+    const float inv_scale = 1.f / row_scale[r];
+    for (int64_t i = 0; i < k_; ++i) out[r * k_ + i] = scalar::quantize(xr[i], inv_scale, row_zp[r]);
   }
 }
 

@@ -129,7 +129,9 @@ namespace scalar {
 void row_quant_params(const float* x, int64_t k, float* scale, int32_t* zero_point);
 // The same from a known range (lo <= 0 <= hi); vector paths reduce the range themselves.
 void quant_params_from_range(float lo, float hi, float* scale, int32_t* zero_point);
-uint8_t quantize(float x, float scale, int32_t zero_point);
+// round(x * inv_scale) + zero_point clamped to [0, 255]; multiplying by the reciprocal (not
+// dividing) keeps the vector paths fast, and every path does exactly this.
+uint8_t quantize(float x, float inv_scale, int32_t zero_point);
 float gelu(float x);
 // Epilogue for acc[0..count) = row `row`, columns n0..n0+count.
 void epilogue(const LinearKernel::Epilogue& e, int64_t row, int64_t n0, int64_t count,

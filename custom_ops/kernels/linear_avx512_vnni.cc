@@ -19,6 +19,9 @@ constexpr int64_t kTileRows = 16;
 constexpr int64_t kMaxTiles = 4;                       // rows per block: 64
 constexpr int64_t kBlockRows = kTileRows * kMaxTiles;
 constexpr int64_t kChannelsPerTask = 16;
+// K is walked in chunks of this many groups (512 bytes) for all channels of a task before the
+// next chunk, so the block's activations in use (64 rows x 512 bytes) stay in L1.
+constexpr int64_t kChunkGroups = 128;
 
 struct Group {
   uint32_t kg;
@@ -33,14 +36,19 @@ struct Group {
       : "+v"(acc)                    \
       : "v"(_mm512_load_si512(ptr)), "v"(w))
 
-// Accumulates one output channel over T tiles: out[t * 16 + r] for row 16t + r of the block.
-// Two accumulator sets (even and odd groups) keep enough vpdpbusd chains in flight; they are
-// named variables, not arrays, so they stay in registers.
+// Adds one output channel's dot products over T tiles to out[t * 16 + r] (row 16t + r of the
+// block). Two accumulator sets (even and odd groups) keep enough vpdpbusd chains in flight; they
+// are named variables, not arrays, so they stay in registers.
 template <int T>
 FASTONNX_AVX512 static void dot_channel(const uint8_t* xb, const Group* g, const Group* end,
                                         int32_t* out) {
-  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-  __m512i b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  if (g == end) return;
+  __m512i a0 = _mm512_load_si512(out), a1 = a0, a2 = a0, a3 = a0;
+  if constexpr (T > 1) a1 = _mm512_load_si512(out + 16);
+  if constexpr (T > 2) a2 = _mm512_load_si512(out + 32);
+  if constexpr (T > 3) a3 = _mm512_load_si512(out + 48);
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i b0 = zero, b1 = zero, b2 = zero, b3 = zero;
   for (; g + 1 < end; g += 2) {
     const __m512i w0 = _mm512_set1_epi32(g[0].w), w1 = _mm512_set1_epi32(g[1].w);
     const uint8_t* p0 = xb + size_t{g[0].kg} * (T * 64);
@@ -84,7 +92,16 @@ class LinearAvx512Vnni final : public LinearKernel {
       : LinearKernel(view.n, view.k), groups_along_k_((int64_t{view.k} + 3) / 4) {
     set_channel_data(view);
     const RowGroups rg = row_groups_1x4(view);
-    row_ptr_ = rg.row_ptr;
+    chunks_ = (groups_along_k_ + kChunkGroups - 1) / kChunkGroups;
+    chunk_ptr_.reserve(size_t(view.n * (chunks_ + 1)));
+    for (uint32_t n = 0; n < view.n; ++n) {
+      uint32_t i = rg.row_ptr[n];
+      for (int64_t c = 0; c <= chunks_; ++c) {
+        while (i < rg.row_ptr[n + 1] && rg.kg[i] < c * kChunkGroups) ++i;
+        chunk_ptr_.push_back(i);
+      }
+      chunk_ptr_.back() = rg.row_ptr[n + 1];
+    }
     groups_ = AlignedBuffer<Group>(rg.kg.size());
     for (size_t i = 0; i < rg.kg.size(); ++i) {
       int32_t w;
@@ -106,7 +123,7 @@ class LinearAvx512Vnni final : public LinearKernel {
     const int64_t kp = groups_along_k_ * 4;
     const int64_t mp = (m + kTileRows - 1) / kTileRows * kTileRows;
     const int64_t blocks = (mp + kBlockRows - 1) / kBlockRows;
-    AlignedBuffer<uint8_t> packed(size_t(mp * kp), /*zero=*/true);
+    AlignedBuffer<uint8_t> packed(size_t(mp * kp));
 
     auto pack_task = [&](size_t b) { pack_block(xq, m, mp, int64_t(b), packed.data()); };
     run_tasks(runner, size_t(blocks), pack_task);
@@ -123,19 +140,30 @@ class LinearAvx512Vnni final : public LinearKernel {
     return std::min(kMaxTiles, (mp - b * kBlockRows) / kTileRows);
   }
 
-  FASTONNX_AVX512 void pack_block(const uint8_t* xq, int64_t m, int64_t mp, int64_t b, uint8_t* packed) const {
-    const int64_t k = this->k(), kp = groups_along_k_ * 4, T = tiles_in_block(mp, b);
-    uint8_t* dst = packed + b * kBlockRows * kp;
-    const int64_t r1 = std::min(m, b * kBlockRows + T * kTileRows);
-    for (int64_t row = b * kBlockRows; row < r1; ++row) {
-      const int64_t local = row - b * kBlockRows, t = local / kTileRows, r = local % kTileRows;
-      const uint8_t* src = xq + row * k;
-      const int64_t full = k / 4;
-      for (int64_t g = 0; g < full; ++g) {
-        std::memcpy(dst + ((g * T + t) * kTileRows + r) * 4, src + 4 * g, 4);
+  // Writes every byte of block b (padding rows and the ragged last group as zeros).
+  FASTONNX_AVX512 void pack_block(const uint8_t* xq, int64_t m, int64_t mp, int64_t b,
+                                  uint8_t* packed) const {
+    const int64_t k = this->k(), groups = groups_along_k_, T = tiles_in_block(mp, b);
+    uint8_t* block = packed + b * kBlockRows * groups * 4;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t row0 = b * kBlockRows + t * kTileRows;
+      const int64_t valid = std::clamp<int64_t>(m - row0, 0, kTileRows);
+      int64_t g0 = 0;
+      if (valid == kTileRows && k % 4 == 0) {
+        // 16 rows x 16 groups of 4 bytes is a 16x16 int32 transpose.
+        const auto* src = reinterpret_cast<const int32_t*>(xq + row0 * k);
+        for (; g0 + 16 <= groups; g0 += 16) {
+          avx512::transpose16x16(src + g0, k / 4,
+                                 reinterpret_cast<int32_t*>(block + (g0 * T + t) * 64), T * 16);
+        }
       }
-      if (full < groups_along_k_) {  // ragged K: the rest of the last group stays zero
-        std::memcpy(dst + ((full * T + t) * kTileRows + r) * 4, src + 4 * full, size_t(k - 4 * full));
+      for (int64_t g = g0; g < groups; ++g) {
+        uint8_t* dst = block + (g * T + t) * 64;
+        for (int64_t r = 0; r < kTileRows; ++r) {
+          const int64_t bytes = r < valid ? std::min<int64_t>(4, k - 4 * g) : 0;
+          if (bytes > 0) std::memcpy(dst + r * 4, xq + (row0 + r) * k + 4 * g, size_t(bytes));
+          if (bytes < 4) std::memset(dst + r * 4 + bytes, 0, size_t(4 - bytes));
+        }
       }
     }
   }
@@ -149,11 +177,13 @@ class LinearAvx512Vnni final : public LinearKernel {
     alignas(64) int32_t acc[kChannelsPerTask][kBlockRows];  // [n][m]
     alignas(64) int32_t rows[kTileRows][kChannelsPerTask];   // [m][n]
     const DotFn dot = kDot[T];
-    for (int64_t j = 0; j < count; ++j) {
-      const Group* g = groups_.data() + row_ptr_[size_t(n0 + j)];
-      dot(xb, g, groups_.data() + row_ptr_[size_t(n0 + j + 1)], acc[j]);
+    std::memset(acc, 0, sizeof(acc));
+    for (int64_t c = 0; c < chunks_; ++c) {
+      for (int64_t j = 0; j < count; ++j) {
+        const uint32_t* ptr = chunk_ptr_.data() + (n0 + j) * (chunks_ + 1) + c;
+        dot(xb, groups_.data() + ptr[0], groups_.data() + ptr[1], acc[j]);
+      }
     }
-    for (int64_t j = count; j < kChannelsPerTask; ++j) std::fill_n(acc[j], kBlockRows, 0);
     for (int64_t t = 0; t < T; ++t) {
       avx512::transpose16x16(&acc[0][t * kTileRows], kBlockRows, &rows[0][0]);
       const int64_t row0 = b * kBlockRows + t * kTileRows;
@@ -163,7 +193,8 @@ class LinearAvx512Vnni final : public LinearKernel {
   }
 
   int64_t groups_along_k_;
-  std::vector<uint32_t> row_ptr_;
+  int64_t chunks_ = 1;
+  std::vector<uint32_t> chunk_ptr_;  // [n][chunks + 1] offsets into groups_
   AlignedBuffer<Group> groups_;
 };
 

@@ -20,7 +20,12 @@ from fastonnx.runtime import OP_DOMAIN, session_options
 
 # (name, K, N): the linear layers of one encoder block.
 SHAPES = {
-    "minilm": [("qkv", 384, 1152), ("attn_out", 384, 384), ("ffn1", 384, 1536), ("ffn2", 1536, 384)],
+    "minilm": [
+        ("qkv", 384, 1152),
+        ("attn_out", 384, 384),
+        ("ffn1", 384, 1536),
+        ("ffn2", 1536, 384),
+    ],
     "distilbert": [
         ("qkv", 768, 2304),
         ("attn_out", 768, 768),
@@ -92,7 +97,10 @@ def build_sessions(w: np.ndarray, scale: np.ndarray, blob: bytes, m: int, thread
     fp32 = _model(
         helper.make_node("MatMul", ["X", "W"], ["Y"]),
         [onnx.numpy_helper.from_array(w_float, "W")],
-        m, k, n, [],
+        m,
+        k,
+        n,
+        [],
     )
     dq = _model(
         helper.make_node(
@@ -102,12 +110,18 @@ def build_sessions(w: np.ndarray, scale: np.ndarray, blob: bytes, m: int, thread
             onnx.numpy_helper.from_array(w.T.copy(), "B"),
             onnx.numpy_helper.from_array(scale.astype(np.float32), "b_scale"),
         ],
-        m, k, n, ["com.microsoft"],
+        m,
+        k,
+        n,
+        ["com.microsoft"],
     )
     sparse = _model(
         helper.make_node("SparseLinear", ["X", "Wp"], ["Y"], domain=OP_DOMAIN),
         [onnx.numpy_helper.from_array(np.frombuffer(blob, dtype=np.uint8), "Wp")],
-        m, k, n, [OP_DOMAIN],
+        m,
+        k,
+        n,
+        [OP_DOMAIN],
     )
     plain = ort.SessionOptions()
     plain.intra_op_num_threads = threads
@@ -182,6 +196,7 @@ def format_table(rows: list[KernelRow]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in rows:
+
         def cell(t: Timing) -> str:
             return f"{t.median_ms:7.3f}/{t.p90_ms:7.3f}"
 

@@ -30,6 +30,4 @@ def time_interleaved(
             t0 = time.perf_counter_ns()
             fn()
             samples[i].append((time.perf_counter_ns() - t0) / 1e6)
-    return [
-        Timing(float(np.median(s)), float(np.percentile(s, 90)), len(s)) for s in samples
-    ]
+    return [Timing(float(np.median(s)), float(np.percentile(s, 90)), len(s)) for s in samples]

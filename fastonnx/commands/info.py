@@ -1,0 +1,88 @@
+"""`fastonnx info`: versions, the custom-op library, CPU features and the kernel each op uses."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "info",
+        help="show versions, the custom-op library, CPU features and chosen kernels",
+        description="Show fastonnx's and ONNX Runtime's versions, the custom-op library path, "
+        "the CPU features detected, and which kernel path each operator will use here "
+        "(FASTONNX_ISA=amx|avx512_vnni|avx2|ref forces one).",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)
+
+
+def collect() -> dict:
+    import numpy as np
+    import onnxruntime as ort
+
+    from fastonnx import __version__, _native, get_library_path
+
+    features = _native.cpu_features()
+    isas = {isa: _native.isa_unavailable_reason(isa) or "available" for isa in _native.all_isas()}
+    forced, forced_error = None, None
+    try:
+        forced = _native.forced_isa()
+    except ValueError as exc:
+        forced_error = str(exc)
+    kernels = {}
+    if forced_error is None:
+        # The kernel a dense and a 90%-sparse weight of the preferred shape would get.
+        block = tuple(_native.preferred_block_shape(forced))
+        rng = np.random.default_rng(0)
+        for label, density in (("dense", 1.0), ("90% sparse", 0.1)):
+            w = (rng.random((256, 256)) < density).astype(np.int8)
+            blob = _native.pack_weight(w, np.ones(256, np.float32), block)
+            kernels[label] = _native.Linear(blob).name
+    return {
+        "fastonnx": __version__,
+        "onnxruntime": ort.__version__,
+        "library": get_library_path(),
+        "cpu_vendor": features.pop("vendor"),
+        "cpu_features": features,
+        "kernel_paths": isas,
+        "FASTONNX_ISA": os.environ.get("FASTONNX_ISA") or None,
+        "FASTONNX_ISA_error": forced_error,
+        "best_path": forced or _native.best_isa(),
+        "preferred_block_shape": list(_native.preferred_block_shape(forced)),
+        "supported_block_shapes": [list(b) for b in _native.supported_block_shapes()],
+        "ops": {
+            "com.fastonnx::SparseLinear": kernels,
+            "com.fastonnx::SparseLinearU8": kernels,
+        },
+    }
+
+
+def format_report(info: dict) -> str:
+    on = [name for name, value in info["cpu_features"].items() if value]
+    lines = [
+        f"fastonnx      {info['fastonnx']}",
+        f"onnxruntime   {info['onnxruntime']}",
+        f"library       {info['library']}",
+        f"cpu           {info['cpu_vendor']}: {' '.join(on) or '(no SIMD extensions used)'}",
+        "kernel paths  " + ", ".join(f"{isa} ({why})" for isa, why in info["kernel_paths"].items()),
+        f"FASTONNX_ISA  {info['FASTONNX_ISA'] or '(unset: automatic)'}",
+    ]
+    if info["FASTONNX_ISA_error"]:
+        lines.append(f"  error: {info['FASTONNX_ISA_error']}")
+    lines.append(f"path used     {info['best_path']}")
+    block = "x".join(map(str, info["preferred_block_shape"]))
+    accepted = ", ".join("x".join(map(str, b)) for b in info["supported_block_shapes"])
+    lines.append(f"block shape   {block} preferred (accepted: {accepted})")
+    for op, kernels in info["ops"].items():
+        for label, name in kernels.items():
+            lines.append(f"{op:<28} {label:<11} -> {name}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    info = collect()
+    print(json.dumps(info, indent=2) if args.json else format_report(info))
+    return 1 if info["FASTONNX_ISA_error"] else 0
