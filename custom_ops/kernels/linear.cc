@@ -13,6 +13,10 @@ namespace fastonnx {
 namespace {
 
 constexpr int64_t kQuantRowsPerTask = 8;
+// On the AVX-512 VNNI path, weights with at least this fraction of non-zero 1x4 groups run
+// faster through the register-blocked dense kernel (measured crossover: about 50% sparsity for
+// the MiniLM/DistilBERT layer shapes at M=128).
+constexpr double kDenseMinGroupDensity = 0.5;
 
 void check_args(const LinearArgs& a) {
   if (a.m < 0) throw std::invalid_argument("negative row count");
@@ -40,6 +44,21 @@ void check_args(const LinearArgs& a) {
 // against 16 rows) about 0.5-1 cycle, plus the gather of its activations.
 constexpr double kAmxCyclesPerTile = 16.0;
 constexpr double kVnniCyclesPerGroup = 0.75;
+
+// Fraction of 1x4 weight groups holding a non-zero.
+double group_density(const PackedWeightView& view) {
+  const std::vector<int8_t> w = unpack_weight(view);
+  const uint32_t groups = (view.k + 3) / 4;
+  size_t nonzero = 0;
+  for (uint32_t n = 0; n < view.n; ++n) {
+    for (uint32_t g = 0; g < groups; ++g) {
+      bool any = false;
+      for (uint32_t k = 4 * g; k < std::min(4 * g + 4, view.k); ++k) any |= w[size_t{n} * view.k + k] != 0;
+      nonzero += any;
+    }
+  }
+  return double(nonzero) / (double(view.n) * groups);
+}
 
 Isa auto_isa(const PackedWeightView& view) {
   const Isa best = best_isa();
@@ -198,7 +217,9 @@ std::unique_ptr<LinearKernel> make_linear_kernel(const PackedWeightView& view,
   switch (chosen) {
     case Isa::kRef: return make_linear_ref(view);
     case Isa::kAvx2: return make_linear_avx2(view);
-    case Isa::kAvx512Vnni: return make_linear_avx512_vnni(view);
+    case Isa::kAvx512Vnni:
+      if (group_density(view) >= kDenseMinGroupDensity) return make_linear_avx512_dense(view);
+      return make_linear_avx512_vnni(view);
     case Isa::kAmx: return make_linear_amx(view);
   }
   throw std::invalid_argument("unknown kernel path");

@@ -121,6 +121,7 @@ BlockShape preferred_block_shape(Isa isa);
 std::unique_ptr<LinearKernel> make_linear_ref(const PackedWeightView& view);
 std::unique_ptr<LinearKernel> make_linear_avx2(const PackedWeightView& view);
 std::unique_ptr<LinearKernel> make_linear_avx512_vnni(const PackedWeightView& view);
+std::unique_ptr<LinearKernel> make_linear_avx512_dense(const PackedWeightView& view);
 std::unique_ptr<LinearKernel> make_linear_amx(const PackedWeightView& view);
 
 // Scalar pieces shared by the paths (and the reference of the vector ones).
