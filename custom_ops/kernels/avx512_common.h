@@ -80,56 +80,80 @@ FASTONNX_AVX512 static inline __mmask16 tail_mask(int64_t count) {
 FASTONNX_AVX512 static inline void quantize_rows(const float* x, int64_t rows, int64_t k,
                                                  bool per_tensor, float x_scale, uint8_t x_zp,
                                                  float* row_scale, int32_t* row_zp, uint8_t* out) {
+  const int64_t full = k / 16 * 16;
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * k;
+    uint8_t* qr = out + r * k;
     if (per_tensor) {
       row_scale[r] = x_scale;
       row_zp[r] = x_zp;
     } else {
-      __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
-      for (int64_t i = 0; i < k; i += 16) {
-        const __m512 v = _mm512_maskz_loadu_ps(tail_mask(k - i), xr + i);
-        lo = _mm512_min_ps(lo, v);
-        hi = _mm512_max_ps(hi, v);
+      __m512 lo0 = _mm512_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
+      int64_t i = 0;
+      for (; i + 32 <= full; i += 32) {  // two independent chains
+        const __m512 v0 = _mm512_loadu_ps(xr + i), v1 = _mm512_loadu_ps(xr + i + 16);
+        lo0 = _mm512_min_ps(lo0, v0);
+        hi0 = _mm512_max_ps(hi0, v0);
+        lo1 = _mm512_min_ps(lo1, v1);
+        hi1 = _mm512_max_ps(hi1, v1);
       }
-      scalar::quant_params_from_range(_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi),
+      for (; i < k; i += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(tail_mask(k - i), xr + i);
+        lo0 = _mm512_min_ps(lo0, v);
+        hi0 = _mm512_max_ps(hi0, v);
+      }
+      scalar::quant_params_from_range(_mm512_reduce_min_ps(_mm512_min_ps(lo0, lo1)),
+                                      _mm512_reduce_max_ps(_mm512_max_ps(hi0, hi1)),
                                       &row_scale[r], &row_zp[r]);
     }
     const __m512 inv_scale = _mm512_set1_ps(1.f / row_scale[r]);
     const __m512 zp = _mm512_set1_ps(static_cast<float>(row_zp[r]));
-    for (int64_t i = 0; i < k; i += 16) {
-      const __mmask16 m = tail_mask(k - i);
-      const __m512i q = quantize_ps(_mm512_maskz_loadu_ps(m, xr + i), inv_scale, zp);
-      _mm_mask_storeu_epi8(out + r * k + i, m, _mm512_cvtepi32_epi8(q));
+    for (int64_t i = 0; i < full; i += 16) {
+      const __m512i q = quantize_ps(_mm512_loadu_ps(xr + i), inv_scale, zp);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + i), _mm512_cvtepi32_epi8(q));
+    }
+    if (full < k) {
+      const __mmask16 m = tail_mask(k - full);
+      const __m512i q = quantize_ps(_mm512_maskz_loadu_ps(m, xr + full), inv_scale, zp);
+      _mm_mask_storeu_epi8(qr + full, m, _mm512_cvtepi32_epi8(q));
     }
   }
 }
 
-// Epilogue of one output row: acc[0..count) holds row `row`, columns n0..n0+count (count <= 16).
-FASTONNX_AVX512 static inline void epilogue_row(const LinearKernel::Epilogue& e, int64_t row,
-                                                int64_t n0, int64_t count, const int32_t* acc) {
+// Epilogue of `rows` output rows starting at `row0`, channels n0..n0+count (count <= 16), from
+// accumulators acc[r * acc_stride + c]. Per-channel terms are loaded once for all rows.
+FASTONNX_AVX512 static inline void epilogue_tile(const LinearKernel::Epilogue& e, int64_t row0,
+                                                 int64_t rows, int64_t n0, int64_t count,
+                                                 const int32_t* acc, int64_t acc_stride) {
   const __mmask16 m = tail_mask(count);
-  const __m512i a = _mm512_maskz_loadu_epi32(m, acc);
   if (e.args == nullptr) {
-    _mm512_mask_storeu_epi32(e.raw + row * e.n + n0, m, a);
+    for (int64_t r = 0; r < rows; ++r) {
+      _mm512_mask_storeu_epi32(e.raw + (row0 + r) * e.n + n0, m,
+                               _mm512_maskz_loadu_epi32(m, acc + r * acc_stride));
+    }
     return;
   }
   const LinearArgs& args = *e.args;
   const __m512i wsum = _mm512_maskz_loadu_epi32(m, e.wsum + n0);
-  const __m512i d = _mm512_sub_epi32(a, _mm512_mullo_epi32(_mm512_set1_epi32(e.row_zp[row]), wsum));
-  const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(e.row_scale[row]),
-                                     _mm512_maskz_loadu_ps(m, e.wscale + n0));
-  __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(d), scale);
-  if (args.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, args.bias + n0));
-  if (args.activation == Activation::kGelu) y = gelu_ps(y);
-  const int64_t off = row * e.n + n0;
-  if (args.residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, args.residual + off));
-  if (args.y) {
-    _mm512_mask_storeu_ps(args.y + off, m, y);
-  } else {
-    const __m512i q = quantize_ps(y, _mm512_set1_ps(1.f / args.y_scale),
-                                  _mm512_set1_ps(static_cast<float>(args.y_zero_point)));
-    _mm_mask_storeu_epi8(args.yq + off, m, _mm512_cvtepi32_epi8(q));
+  const __m512 wscale = _mm512_maskz_loadu_ps(m, e.wscale + n0);
+  const __m512 bias = args.bias ? _mm512_maskz_loadu_ps(m, args.bias + n0) : _mm512_setzero_ps();
+  const bool gelu = args.activation == Activation::kGelu;
+  const __m512 inv_y_scale = _mm512_set1_ps(1.f / args.y_scale);
+  const __m512 y_zp = _mm512_set1_ps(static_cast<float>(args.y_zero_point));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = row0 + r;
+    const __m512i a = _mm512_maskz_loadu_epi32(m, acc + r * acc_stride);
+    const __m512i d = _mm512_sub_epi32(a, _mm512_mullo_epi32(_mm512_set1_epi32(e.row_zp[row]), wsum));
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(_mm512_set1_ps(e.row_scale[row]), wscale));
+    if (args.bias) y = _mm512_add_ps(y, bias);
+    if (gelu) y = gelu_ps(y);
+    const int64_t off = row * e.n + n0;
+    if (args.residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, args.residual + off));
+    if (args.y) {
+      _mm512_mask_storeu_ps(args.y + off, m, y);
+    } else {
+      _mm_mask_storeu_epi8(args.yq + off, m, _mm512_cvtepi32_epi8(quantize_ps(y, inv_y_scale, y_zp)));
+    }
   }
 }
 

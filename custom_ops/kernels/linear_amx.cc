@@ -133,7 +133,7 @@ class LinearAmx final : public LinearKernel {
     _tile_release();
     const int64_t n0 = s * kStrip, cols = std::min(kStrip, n() - n0);
     const int64_t rows = std::min(kRowsPerTask, m - row0);
-    for (int64_t r = 0; r < rows; ++r) avx512::epilogue_row(epi, row0 + r, n0, cols, c + r * kStrip);
+    avx512::epilogue_tile(epi, row0, rows, n0, cols, c, kStrip);
   }
 
   int64_t kp_;

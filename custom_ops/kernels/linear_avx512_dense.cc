@@ -124,12 +124,10 @@ class LinearAvx512Dense final : public LinearKernel {
         ldx = kp;
       }
       tile_6x64(x, ldx, w, groups_, acc);
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t s = 0; s < kPanel / 16; ++s) {
-          const int64_t count = std::min<int64_t>(16, n() - (n0 + 16 * s));
-          if (count <= 0) break;
-          avx512::epilogue_row(epi, row0 + r, n0 + 16 * s, count, acc + r * kPanel + 16 * s);
-        }
+      for (int64_t s = 0; s < kPanel / 16; ++s) {
+        const int64_t count = std::min<int64_t>(16, n() - (n0 + 16 * s));
+        if (count <= 0) break;
+        avx512::epilogue_tile(epi, row0, rows, n0 + 16 * s, count, acc + 16 * s, kPanel);
       }
     }
   }

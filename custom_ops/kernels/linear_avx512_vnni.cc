@@ -188,7 +188,7 @@ class LinearAvx512Vnni final : public LinearKernel {
       avx512::transpose16x16(&acc[0][t * kTileRows], kBlockRows, &rows[0][0]);
       const int64_t row0 = b * kBlockRows + t * kTileRows;
       const int64_t valid = std::min(kTileRows, m - row0);
-      for (int64_t r = 0; r < valid; ++r) avx512::epilogue_row(epi, row0 + r, n0, count, rows[r]);
+      avx512::epilogue_tile(epi, row0, valid, n0, count, &rows[0][0], kChannelsPerTask);
     }
   }
 
