@@ -1,0 +1,163 @@
+"""Sparse lowering on hand-built QDQ graphs: what is lowered, what is kept and why, and that
+the lowered model (with fastonnx's library) matches the QDQ model in vanilla ORT."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.kernel_reference import block_sparse_weight
+
+_native = pytest.importorskip("fastonnx._native")
+ort = pytest.importorskip("onnxruntime")
+
+import fastonnx  # noqa: E402
+from fastonnx.passes.lower_sparse import group_sparsity, lower_sparse  # noqa: E402
+
+D, F = 64, 96  # hidden size, feed-forward size
+
+
+def qdq_mlp(sparsities=(0.9, 0.9), *, block=(1, 4), gelu="Gelu", static=True, seed=0):
+    """X[B,S,D] -Q/DQ- MatMul(W1) + b1 -> GELU -Q/DQ- MatMul(W2) + b2 -> Y, weights DQ per
+    channel. gelu: "Gelu" (ONNX), "BiasGelu" (com.microsoft, bias folded in) or None."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def const(name, array):
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def qdq(x, name, scale, zp):
+        s, z = const(f"{name}_s", np.float32(scale)), const(f"{name}_zp", np.uint8(zp))
+        nodes.append(helper.make_node("QuantizeLinear", [x, s, z], [f"{name}_q"]))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", s, z], [f"{name}_dq"]))
+        return f"{name}_dq"
+
+    def linear(x, name, k, n, sparsity):
+        w = block_sparse_weight(n, k, sparsity, block, rng)  # [N, K]
+        scale = (rng.random(n) * 0.01 + 0.005).astype(np.float32)
+        wq = const(f"{name}_wq", np.ascontiguousarray(w.T))  # MatMul wants [K, N]
+        ws = const(f"{name}_ws", scale)
+        nodes.append(helper.make_node("DequantizeLinear", [wq, ws], [f"{name}_w"], axis=1))
+        nodes.append(helper.make_node("MatMul", [x, f"{name}_w"], [f"{name}_mm"], name=name))
+        return f"{name}_mm", rng.standard_normal(n).astype(np.float32) * 0.1
+
+    x = qdq("X", "x", 0.03, 128) if static else "X"
+    h, b1 = linear(x, "fc1", D, F, sparsities[0])
+    if gelu == "BiasGelu":
+        nodes.append(
+            helper.make_node("BiasGelu", [h, const("b1", b1)], ["h"], domain="com.microsoft")
+        )
+    else:
+        nodes.append(helper.make_node("Add", [h, const("b1", b1)], ["h_b"]))
+        if gelu == "Gelu":
+            nodes.append(helper.make_node("Gelu", ["h_b"], ["h"]))
+        else:
+            nodes.append(helper.make_node("Identity", ["h_b"], ["h"]))
+    h = qdq("h", "h", 0.02, 10) if static else "h"
+    y, b2 = linear(h, "fc2", F, D, sparsities[1])
+    nodes.append(helper.make_node("Add", [y, const("b2", b2)], ["Y"]))
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["B", "S", D])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["B", "S", D])],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10
+    return model
+
+
+def run_plain(model: onnx.ModelProto, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"X": x})[0]
+
+
+def run_fast(model: onnx.ModelProto, x):
+    return fastonnx.make_session(model.SerializeToString()).run(None, {"X": x})[0]
+
+
+def lower(model: onnx.ModelProto, **kw):
+    ir_model = ir.serde.deserialize_model(model)
+    report = lower_sparse(ir_model, **kw)
+    return ir.serde.serialize_model(ir_model), report
+
+
+@pytest.mark.parametrize("gelu", ["Gelu", "BiasGelu", None])
+@pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
+def test_lowered_model_matches_qdq_model(gelu, static):
+    model = qdq_mlp(gelu=gelu, static=static)
+    lowered, report = lower(model)
+    assert [layer.node for layer in report.lowered] == ["fc1", "fc2"]
+    assert all(layer.static_input == static for layer in report.lowered)
+    assert report.lowered[0].gelu == (gelu is not None)
+    ops = [n.op_type for n in lowered.graph.node]
+    assert ops.count("SparseLinear") == 2 and "MatMul" not in ops
+    assert "DequantizeLinear" not in ops  # weight and activation Q/DQ folded away
+    assert [o.name for o in lowered.graph.output] == ["Y"]
+    x = np.random.default_rng(1).standard_normal((2, 7, D)).astype(np.float32)
+    expected, got = run_plain(model, x), run_fast(lowered, x)
+    if static:
+        # Same quantization; only float rounding (and ORT's int8 kernel choice) differ.
+        assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max() + 1e-4
+    else:
+        # The QDQ-free model multiplies float activations; the op quantizes them per row.
+        cosine = float(np.dot(got.ravel(), expected.ravel())) / (
+            np.linalg.norm(got) * np.linalg.norm(expected)
+        )
+        assert cosine >= 0.999
+        assert np.abs(got - expected).max() <= 0.02 * np.abs(expected).max()
+
+
+def test_dense_layers_stay_on_ort_with_reason():
+    model = qdq_mlp(sparsities=(0.9, 0.2))
+    lowered, report = lower(model, min_sparsity=0.5)
+    assert [layer.node for layer in report.lowered] == ["fc1"]
+    assert report.skipped[0].node == "fc2"
+    assert "sparsity 20% < 50%" in report.skipped[0].reason
+    ops = [n.op_type for n in lowered.graph.node]
+    assert ops.count("SparseLinear") == 1 and ops.count("MatMul") == 1
+    x = np.random.default_rng(2).standard_normal((1, 5, D)).astype(np.float32)
+    expected = run_plain(model, x)
+    assert np.abs(run_fast(lowered, x) - expected).max() <= 1e-3 * np.abs(expected).max() + 1e-4
+
+
+def test_block_shape_follows_the_pruning_structure():
+    _, report = lower(qdq_mlp(block=(16, 4)))
+    assert {layer.block_shape for layer in report.lowered} == {(16, 4)}
+    _, report = lower(qdq_mlp(block=(1, 4)))
+    assert {layer.block_shape for layer in report.lowered} == {(1, 4)}
+    assert report.lowered[0].sparsity == pytest.approx(0.9, abs=0.01)
+
+
+def test_float_model_is_left_unchanged_and_reported():
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.standard_normal((D, D)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, D])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, D])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    lowered, report = lower(model)
+    assert not report.lowered
+    assert "DequantizeLinear" in report.skipped[0].reason
+    assert [n.op_type for n in lowered.graph.node] == ["MatMul"]
+
+
+def test_bad_min_sparsity():
+    with pytest.raises(ValueError, match="min_sparsity"):
+        lower(qdq_mlp(), min_sparsity=1.5)
+
+
+def test_group_sparsity():
+    w = np.zeros((2, 8), np.int8)
+    w[0, 5] = 1
+    assert group_sparsity(w) == 0.75
