@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "aligned_buffer.h"
 #include "linear.h"
@@ -26,6 +27,73 @@ struct Group {
   int32_t w01;  // weights 0 and 1 as two int16
   int32_t w23;
 };
+
+FASTONNX_AVX2 static inline __m256 exp_ps(__m256 x) {
+  // exp(x) = 2^n * exp(r), r = x - n*ln2; degree-6 Taylor on r; 2^n built in the exponent bits.
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// GELU with erf from Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), as on the AVX-512 path.
+FASTONNX_AVX2 static inline __m256 gelu_ps(__m256 x) {
+  const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f));
+  const __m256 sign_bit = _mm256_set1_ps(-0.f);
+  const __m256 az = _mm256_andnot_ps(sign_bit, z);
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.f),
+                                 _mm256_fmadd_ps(az, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.f)));
+  __m256 p = _mm256_set1_ps(1.061405429f);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+  p = _mm256_mul_ps(p, t);
+  const __m256 e = exp_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), az), az));
+  const __m256 erf_abs = _mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.f));
+  const __m256 erf = _mm256_or_ps(erf_abs, _mm256_and_ps(sign_bit, z));
+  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(_mm256_set1_ps(1.f), erf));
+}
+
+// Vector epilogue of one row: acc[j * stride] for channels n0..n0+count (count <= 8 lanes
+// per step). Mirrors scalar::epilogue operation for operation.
+FASTONNX_AVX2 static void epilogue_row(const LinearKernel::Epilogue& e, int64_t row, int64_t n0,
+                                       int64_t count, const int32_t* acc) {
+  if (e.args == nullptr) {
+    std::memcpy(e.raw + row * e.n + n0, acc, size_t(count) * sizeof(int32_t));
+    return;
+  }
+  const LinearArgs& a = *e.args;
+  const int64_t full = count / 8 * 8;
+  if (full == 0 || a.yq != nullptr) {  // short rows and uint8 outputs: the scalar epilogue
+    scalar::epilogue(e, row, n0, count, acc);
+    return;
+  }
+  const __m256 sx = _mm256_set1_ps(e.row_scale[row]);
+  const __m256i zp = _mm256_set1_epi32(e.row_zp[row]);
+  for (int64_t j = 0; j < full; j += 8) {
+    const int64_t n = n0 + j, off = row * e.n + n;
+    const __m256i acc8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + j));
+    const __m256i wsum = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.wsum + n));
+    const __m256i d = _mm256_sub_epi32(acc8, _mm256_mullo_epi32(zp, wsum));
+    __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(sx, _mm256_loadu_ps(e.wscale + n)));
+    if (a.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(a.bias + n));
+    if (a.activation == Activation::kGelu) y = gelu_ps(y);
+    if (a.residual) y = _mm256_add_ps(y, _mm256_loadu_ps(a.residual + off));
+    _mm256_storeu_ps(a.y + off, y);
+  }
+  if (full < count) scalar::epilogue(e, row, n0 + full, count - full, acc + full);
+}
 
 int32_t pair(int8_t lo, int8_t hi) {
   return static_cast<int32_t>(static_cast<uint16_t>(int16_t{lo}) |
@@ -107,7 +175,7 @@ class LinearAvx2 final : public LinearKernel {
     }
   }
 
-  void gemm_block(const int16_t* packed, int64_t m, int64_t mp, int64_t b, int64_t chunk,
+  FASTONNX_AVX2 void gemm_block(const int16_t* packed, int64_t m, int64_t mp, int64_t b, int64_t chunk,
                   const Epilogue& epi) const {
     const int64_t kp = groups_along_k_ * 4, T = tiles_in_block(mp, b);
     const int16_t* xb = packed + b * kBlockRows * kp;
@@ -122,7 +190,7 @@ class LinearAvx2 final : public LinearKernel {
     const int64_t rows = std::min(T * kTileRows, m - b * kBlockRows);
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t j = 0; j < count; ++j) row_acc[j] = acc[j][r];
-      scalar::epilogue(epi, b * kBlockRows + r, n0, count, row_acc);
+      epilogue_row(epi, b * kBlockRows + r, n0, count, row_acc);
     }
   }
 
