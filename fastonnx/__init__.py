@@ -12,10 +12,21 @@ from __future__ import annotations
 from fastonnx._version import __version__
 from fastonnx.runtime import OP_DOMAIN, get_library_path, make_session, session_options
 
+
+def optimize(*args, **kwargs):
+    """Optimize an encoder for ORT on CPUs; see :func:`fastonnx.optimizer.optimize`."""
+    # Imported on first use: the optimizer pulls in onnxscript, which `fastonnx info` and
+    # plain inference do not need.
+    from fastonnx.optimizer import optimize as _optimize
+
+    return _optimize(*args, **kwargs)
+
+
 __all__ = [
     "OP_DOMAIN",
     "__version__",
     "get_library_path",
     "make_session",
+    "optimize",
     "session_options",
 ]

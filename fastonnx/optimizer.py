@@ -1,0 +1,338 @@
+"""The optimize pipeline: presets of passes, run in order, each reporting what it changed.
+
+Presets:
+
+* ``fuse`` — clean-up (fold constants, simplify shapes) and encoder fusions (attention into
+  MultiHeadAttention, LayerNorm, SkipLayerNormalization, Gelu / BiasGelu): both are
+  :func:`fastonnx.passes.fusion.fuse_encoder`.
+* ``int8`` — ``fuse``, then static INT8 quantization of the linear layers in QDQ form (runs in
+  vanilla ONNX Runtime, which executes it with its own int8 kernels).
+* ``sparse-int8`` — ``int8``, then linear layers whose weights are sparse enough become
+  fastonnx's sparse INT8 op (the output then needs fastonnx's custom-op library).
+
+A model without a transformer-encoder pattern is returned unchanged, with a note saying so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from fastonnx import calibration as calib
+from fastonnx.model_io import (
+    InputError,
+    as_model,
+    external_data_files,
+    save_model,
+    weights_nbytes,
+)
+from fastonnx.passes.quantize_qdq import QuantizeConfig, QuantizedLayer, SkippedLayer
+
+PRESETS: dict[str, tuple[str, ...]] = {
+    "fuse": ("fuse",),  # fuse_encoder runs the clean-up itself
+    "int8": ("fuse", "quantize"),
+    "sparse-int8": ("fuse", "quantize", "lower_sparse"),
+}
+DEFAULT_PRESET = "sparse-int8"
+
+# Ops that mark a transformer encoder (attention or normalization), fused or not.
+_ENCODER_MARKERS = {
+    ("", "Softmax"),
+    ("", "LayerNormalization"),
+    ("com.microsoft", "Attention"),
+    ("com.microsoft", "MultiHeadAttention"),
+    ("com.microsoft", "SkipLayerNormalization"),
+    ("com.microsoft", "EmbedLayerNormalization"),
+}
+
+CalibrationLike = (
+    calib.CalibrationData | Sequence[Mapping[str, np.ndarray]] | str | os.PathLike | None
+)
+
+
+class OptimizeError(InputError):
+    """The pipeline cannot run as asked (unknown preset, a pass missing from this build...)."""
+
+
+@dataclass
+class PassRecord:
+    """One pass's outcome: its counts, its time, and its own detailed report if it has one."""
+
+    name: str
+    counts: dict[str, int]
+    seconds: float
+    details: Any = None
+
+
+@dataclass
+class OptimizeReport:
+    preset: str
+    passes: list[PassRecord] = field(default_factory=list)
+    weights_bytes_before: int = 0
+    weights_bytes_after: int = 0
+    changed: bool = False
+    calibration: str | None = None  # where the calibration samples came from
+    notes: list[str] = field(default_factory=list)
+
+    def details(self, name: str) -> Any:
+        return next((p.details for p in self.passes if p.name == name), None)
+
+    @property
+    def quantized(self) -> list[QuantizedLayer]:
+        q = self.details("quantize")
+        return list(q.quantized) if q is not None else []
+
+    @property
+    def quantize_skipped(self) -> list[SkippedLayer]:
+        q = self.details("quantize")
+        return list(q.skipped) if q is not None else []
+
+    @property
+    def lowered(self) -> list[Any]:
+        """Layers the sparse lowering replaced (its report's ``lowered`` entries)."""
+        sparse = self.details("lower_sparse")
+        return list(getattr(sparse, "lowered", None) or [])
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly copy."""
+
+        def plain(obj: Any) -> Any:
+            if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+                return {k: plain(v) for k, v in dataclasses.asdict(obj).items()}
+            if isinstance(obj, Mapping):
+                return {str(k): plain(v) for k, v in obj.items()}
+            if isinstance(obj, list | tuple):
+                return [plain(v) for v in obj]
+            if isinstance(obj, np.generic):
+                return obj.item()
+            if obj is None or isinstance(obj, str | int | float | bool):
+                return obj
+            return str(obj)
+
+        return plain(self)
+
+
+@dataclass
+class OptimizeResult:
+    model: ir.Model
+    report: OptimizeReport
+    source_files: list[Path] = field(default_factory=list)  # the input and its data files
+
+    def save(self, path: str | os.PathLike, **kwargs: Any) -> Path:
+        """Save the optimized model atomically (see :func:`fastonnx.model_io.save_model`).
+
+        Refuses to overwrite the input model or its external data files.
+        """
+        protect = [*self.source_files, *kwargs.pop("protect", ())]
+        return save_model(self.model, path, protect=protect, **kwargs)
+
+
+def encoder_pattern_problem(model: ir.Model) -> str | None:
+    """Why this does not look like a transformer encoder, or None when it does.
+
+    An encoder has linear layers (MatMul/Gemm with a constant 2-D weight) and attention or
+    normalization ops (Softmax, LayerNormalization, or their com.microsoft fused forms).
+    """
+    ops = {(n.domain, n.op_type) for n in model.graph}
+    has_linear = any(
+        n.domain == ""
+        and n.op_type in ("MatMul", "Gemm")
+        and len(n.inputs) > 1
+        and (w := ir.convenience.get_const_tensor(n.inputs[1])) is not None
+        and len(w.shape) == 2
+        for n in model.graph
+    )
+    has_marker = bool(ops & _ENCODER_MARKERS)
+    if has_linear and has_marker:
+        return None
+    missing = []
+    if not has_linear:
+        missing.append("no linear layers (MatMul/Gemm with a constant weight)")
+    if not has_marker:
+        missing.append("no attention or LayerNorm (Softmax, LayerNormalization)")
+    return "no transformer encoder pattern found: " + ", ".join(missing)
+
+
+# --------------------------------------------------------------------------------------------
+# Passes, imported lazily so each preset needs only what it runs
+
+
+@dataclass
+class _Context:
+    """What the passes of one run share."""
+
+    preset: str
+    samples: list[Mapping[str, np.ndarray]]
+    quantize_config: QuantizeConfig
+    min_sparsity: float
+
+
+# The module each step needs. They are imported before the first pass runs, so a build without
+# one (the sparse lowering needs the native extension) fails at once, not after calibration.
+_PASS_MODULES = {
+    "fuse": "fastonnx.passes.fusion",
+    "quantize": "fastonnx.passes.quantize_qdq",
+    "lower_sparse": "fastonnx.passes.lower_sparse",
+}
+
+
+def require_passes(preset: str) -> None:
+    """Raise :class:`OptimizeError` when this build lacks a module the preset needs."""
+    for step in PRESETS[preset]:
+        try:
+            importlib.import_module(_PASS_MODULES[step])
+        except ModuleNotFoundError as exc:
+            # Only a missing fastonnx module is a build problem; anything else is a bug.
+            if not (exc.name or "").startswith("fastonnx"):
+                raise
+            hint = "; use --preset int8" if step == "lower_sparse" else ""
+            raise OptimizeError(
+                f"preset '{preset}' needs {exc.name}, which this fastonnx build lacks{hint}"
+            ) from exc
+
+
+def _pass_fuse(model: ir.Model, ctx: _Context) -> PassRecord:
+    from fastonnx.passes.fusion import fuse_encoder
+
+    return PassRecord("fuse", dict(fuse_encoder(model)), 0.0)
+
+
+def _pass_quantize(model: ir.Model, ctx: _Context) -> PassRecord:
+    from fastonnx.passes.quantize_qdq import quantize_qdq
+
+    report = quantize_qdq(model, ctx.samples, ctx.quantize_config)
+    return PassRecord("quantize", report.counts, 0.0, report)
+
+
+def _pass_lower_sparse(model: ir.Model, ctx: _Context) -> PassRecord:
+    from fastonnx.passes.lower_sparse import lower_sparse
+
+    report = lower_sparse(model, min_sparsity=ctx.min_sparsity)
+    return PassRecord("lower_sparse", _counts_of(report), 0.0, report)
+
+
+def _changed(record: PassRecord) -> bool:
+    # "skipped" counts say what a pass did not do.
+    return any(v for k, v in record.counts.items() if "skipped" not in k)
+
+
+def _counts_of(report: Any) -> dict[str, int]:
+    """Integer counts from a pass report: its ``counts`` if it has them, else its int fields."""
+    counts = getattr(report, "counts", None)
+    if callable(counts):
+        counts = counts()
+    if isinstance(counts, Mapping):
+        return {str(k): int(v) for k, v in counts.items()}
+    if dataclasses.is_dataclass(report):
+        fields = dataclasses.asdict(report)
+        out = {k: int(v) for k, v in fields.items() if isinstance(v, int | bool)}
+        out.update({k: len(v) for k, v in fields.items() if isinstance(v, list)})
+        return out
+    return {}
+
+
+_PASSES: dict[str, Callable[[ir.Model, _Context], PassRecord]] = {
+    "fuse": _pass_fuse,
+    "quantize": _pass_quantize,
+    "lower_sparse": _pass_lower_sparse,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# The API
+
+
+def resolve_calibration(
+    model: ir.Model, calibration: CalibrationLike, num_samples: int | None = None
+) -> calib.CalibrationData:
+    """Calibration samples from what the caller gave (see :func:`optimize`)."""
+    if isinstance(calibration, calib.CalibrationData):
+        data = calibration
+    elif calibration is None:
+        return calib.load_calibration(model, num_samples=num_samples)
+    elif isinstance(calibration, str | os.PathLike):
+        return calib.from_npz(calibration, model, num_samples=num_samples)
+    else:
+        data = calib.CalibrationData([dict(s) for s in calibration], source="samples given")
+    if not data.samples:
+        raise calib.CalibrationError("no calibration samples given")
+    if num_samples is not None:
+        data = dataclasses.replace(data, samples=data.samples[:num_samples])
+    return data
+
+
+def optimize(
+    model_or_path: ir.Model | onnx.ModelProto | str | os.PathLike,
+    *,
+    preset: str = DEFAULT_PRESET,
+    calibration: CalibrationLike = None,
+    num_samples: int | None = None,
+    quantize_config: QuantizeConfig | None = None,
+    min_sparsity: float = 0.5,
+) -> OptimizeResult:
+    """Optimize a transformer encoder for ONNX Runtime on CPUs.
+
+    ``model_or_path``: a path (loaded with its external data), an ``onnx.ModelProto``, or an
+    ``onnx_ir.Model`` (modified in place). ``calibration`` (int8 presets): a
+    :class:`~fastonnx.calibration.CalibrationData`, a list of input feeds, a path to an ``.npz``
+    file, or None to synthesize token inputs (with a printed warning). ``num_samples`` caps the
+    samples used. Returns the model and a report; save with ``result.save(path)``.
+    """
+    if preset not in PRESETS:
+        raise OptimizeError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise OptimizeError(f"min_sparsity must be between 0 and 1, got {min_sparsity}")
+    if num_samples is not None and num_samples < 1:
+        raise OptimizeError(f"num_samples must be >= 1, got {num_samples}")
+    model = as_model(model_or_path)
+    sources = []
+    if isinstance(model_or_path, str | os.PathLike):
+        sources = [Path(model_or_path), *external_data_files(model_or_path)]
+    report = OptimizeReport(preset=preset, weights_bytes_before=weights_nbytes(model))
+    report.weights_bytes_after = report.weights_bytes_before
+
+    problem = encoder_pattern_problem(model)
+    if problem is not None:
+        report.notes.append(f"{problem}; model left unchanged")
+        return OptimizeResult(model, report, sources)
+
+    require_passes(preset)
+    steps = PRESETS[preset]
+    samples: list[Mapping[str, np.ndarray]] = []
+    if "quantize" in steps:
+        # Before any pass: synthesizing reads the embedding table, which fusions may rewrite.
+        data = resolve_calibration(model, calibration, num_samples)
+        samples = data.samples
+        report.calibration = f"{len(data.samples)} samples from {data.source}"
+        if data.synthetic:
+            report.notes.append(
+                "calibrated on synthesized token inputs; real sentences give better ranges"
+            )
+    ctx = _Context(preset, samples, quantize_config or QuantizeConfig(), min_sparsity)
+
+    for step in steps:
+        start = time.perf_counter()
+        record = _PASSES[step](model, ctx)
+        record.seconds = time.perf_counter() - start
+        report.passes.append(record)
+        if step == "quantize":
+            report.notes.extend(record.details.notes)
+
+    report.weights_bytes_after = weights_nbytes(model)
+    report.changed = any(_changed(record) for record in report.passes)
+    fuse_counts = next((p.counts for p in report.passes if p.name == "fuse"), None)
+    if fuse_counts is not None and not any(
+        v for k, v in fuse_counts.items() if not k.startswith("cleanup.")
+    ):
+        report.notes.append("no fusion matched; attention and LayerNorm stay unfused")
+    return OptimizeResult(model, report, sources)
