@@ -175,6 +175,7 @@ class _Context:
     samples: list[Mapping[str, np.ndarray]]
     quantize_config: QuantizeConfig
     min_sparsity: float
+    dynamic_activations: bool = True
 
 
 # The module each step needs. They are imported before the first pass runs, so a build without
@@ -217,7 +218,9 @@ def _pass_quantize(model: ir.Model, ctx: _Context) -> PassRecord:
 def _pass_lower_sparse(model: ir.Model, ctx: _Context) -> PassRecord:
     from fastonnx.passes.lower_sparse import lower_sparse
 
-    report = lower_sparse(model, min_sparsity=ctx.min_sparsity)
+    report = lower_sparse(
+        model, min_sparsity=ctx.min_sparsity, dynamic_activations=ctx.dynamic_activations
+    )
     return PassRecord("lower_sparse", _counts_of(report), 0.0, report)
 
 
@@ -279,6 +282,7 @@ def optimize(
     num_samples: int | None = None,
     quantize_config: QuantizeConfig | None = None,
     min_sparsity: float = 0.5,
+    dynamic_activations: bool = True,
 ) -> OptimizeResult:
     """Optimize a transformer encoder for ONNX Runtime on CPUs.
 
@@ -286,7 +290,11 @@ def optimize(
     ``onnx_ir.Model`` (modified in place). ``calibration`` (int8 presets): a
     :class:`~fastonnx.calibration.CalibrationData`, a list of input feeds, a path to an ``.npz``
     file, or None to synthesize token inputs (with a printed warning). ``num_samples`` caps the
-    samples used. Returns the model and a report; save with ``result.save(path)``.
+    samples used. ``dynamic_activations`` (sparse-int8, default on): lowered layers quantize
+    their input per row at run time instead of with the calibrated per-tensor scale (more
+    accurate on real models with activation outliers; ``False`` keeps the QDQ model's exact
+    quantization). Returns the model and a report; save with
+    ``result.save(path)``.
     """
     if preset not in PRESETS:
         raise OptimizeError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
@@ -318,7 +326,9 @@ def optimize(
             report.notes.append(
                 "calibrated on synthesized token inputs; real sentences give better ranges"
             )
-    ctx = _Context(preset, samples, quantize_config or QuantizeConfig(), min_sparsity)
+    ctx = _Context(
+        preset, samples, quantize_config or QuantizeConfig(), min_sparsity, dynamic_activations
+    )
 
     for step in steps:
         start = time.perf_counter()

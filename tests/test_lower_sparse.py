@@ -92,7 +92,7 @@ def lower(model: onnx.ModelProto, **kw):
 @pytest.mark.parametrize("static", [True, False], ids=["static", "dynamic"])
 def test_lowered_model_matches_qdq_model(gelu, static):
     model = qdq_mlp(gelu=gelu, static=static)
-    lowered, report = lower(model)
+    lowered, report = lower(model, dynamic_activations=False)
     assert [layer.node for layer in report.lowered] == ["fc1", "fc2"]
     assert all(layer.static_input == static for layer in report.lowered)
     assert report.lowered[0].gelu == (gelu is not None)
@@ -107,16 +107,31 @@ def test_lowered_model_matches_qdq_model(gelu, static):
         assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max() + 1e-4
     else:
         # The QDQ-free model multiplies float activations; the op quantizes them per row.
-        cosine = float(np.dot(got.ravel(), expected.ravel())) / (
-            np.linalg.norm(got) * np.linalg.norm(expected)
-        )
-        assert cosine >= 0.999
+        assert cosine(got, expected) >= 0.999
         assert np.abs(got - expected).max() <= 0.02 * np.abs(expected).max()
+
+
+def cosine(a, b) -> float:
+    return float(np.dot(a.ravel(), b.ravel())) / float(np.linalg.norm(a) * np.linalg.norm(b))
+
+
+def test_dynamic_activations_track_float_activations_better():
+    """Per-row run-time quantization is closer to the float-activation model (same int8
+    weights, no activation Q/DQ) than the calibrated per-tensor scale is."""
+    model = qdq_mlp()
+    dynamic, report = lower(model, dynamic_activations=True)
+    static, _ = lower(model, dynamic_activations=False)
+    assert [layer.static_input for layer in report.lowered] == [False, False]
+    assert "QuantizeLinear" not in [n.op_type for n in dynamic.graph.node]
+    x = np.random.default_rng(4).standard_normal((2, 9, D)).astype(np.float32)
+    float_acts = run_plain(qdq_mlp(static=False), x)
+    assert cosine(run_fast(dynamic, x), float_acts) >= 0.999
+    assert cosine(run_fast(dynamic, x), float_acts) > cosine(run_fast(static, x), float_acts)
 
 
 def test_dense_layers_stay_on_ort_with_reason():
     model = qdq_mlp(sparsities=(0.9, 0.2))
-    lowered, report = lower(model, min_sparsity=0.5)
+    lowered, report = lower(model, min_sparsity=0.5, dynamic_activations=False)
     assert [layer.node for layer in report.lowered] == ["fc1"]
     assert report.skipped[0].node == "fc2"
     assert "sparsity 20% < 50%" in report.skipped[0].reason
