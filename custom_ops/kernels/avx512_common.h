@@ -184,5 +184,15 @@ FASTONNX_AVX512 static inline void transpose16x16(const int32_t* src, int64_t sr
   }
 }
 
+// Base of the AVX-512 paths (VNNI sparse, VNNI dense, AMX): they share the vector quantizer.
+class Kernel : public LinearKernel {
+ protected:
+  using LinearKernel::LinearKernel;
+  void quantize_rows(const float* x, int64_t rows, bool per_tensor, float x_scale, uint8_t x_zp,
+                     float* row_scale, int32_t* row_zp, uint8_t* out) const override {
+    avx512::quantize_rows(x, rows, k(), per_tensor, x_scale, x_zp, row_scale, row_zp, out);
+  }
+};
+
 }  // namespace avx512
 }  // namespace fastonnx

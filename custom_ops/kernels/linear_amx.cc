@@ -60,10 +60,10 @@ FASTONNX_AMX static void strip_tiles(const uint8_t* a, int64_t lda, const uint32
   if (Tiles == 2) _tile_stored(1, c + kTileRows * kStrip, 64);
 }
 
-class LinearAmx final : public LinearKernel {
+class LinearAmx final : public avx512::Kernel {
  public:
   explicit LinearAmx(const PackedWeightView& view)
-      : LinearKernel(view.n, view.k), kp_((int64_t{view.k} + kTileK - 1) / kTileK * kTileK) {
+      : avx512::Kernel(view.n, view.k), kp_((int64_t{view.k} + kTileK - 1) / kTileK * kTileK) {
     set_channel_data(view);
     const std::vector<int8_t> w = unpack_weight(view);
     const int64_t n = view.n, k = view.k, strips = (n + kStrip - 1) / kStrip;
@@ -97,11 +97,6 @@ class LinearAmx final : public LinearKernel {
   std::string name() const override { return "s8u8_tile_skip_16x64__amx"; }
 
  protected:
-  void quantize_rows(const float* x, int64_t rows, bool per_tensor, float x_scale, uint8_t x_zp,
-                     float* row_scale, int32_t* row_zp, uint8_t* out) const override {
-    avx512::quantize_rows(x, rows, k(), per_tensor, x_scale, x_zp, row_scale, row_zp, out);
-  }
-
   void compute(const uint8_t* xq, int64_t m, const Epilogue& epi,
                const Runner& runner) const override {
     const int64_t mp = (m + kTileRows - 1) / kTileRows * kTileRows;

@@ -66,10 +66,10 @@ FASTONNX_AVX512 static void tile_6x64(const uint8_t* x, int64_t ldx, const int8_
 #undef FASTONNX_STORE
 }
 
-class LinearAvx512Dense final : public LinearKernel {
+class LinearAvx512Dense final : public avx512::Kernel {
  public:
   explicit LinearAvx512Dense(const PackedWeightView& view)
-      : LinearKernel(view.n, view.k),
+      : avx512::Kernel(view.n, view.k),
         groups_((int64_t{view.k} + 3) / 4),
         panels_((int64_t{view.n} + kPanel - 1) / kPanel),
         w_(size_t(panels_ * groups_ * 4 * 64), /*zero=*/true) {
@@ -87,11 +87,6 @@ class LinearAvx512Dense final : public LinearKernel {
   std::string name() const override { return "s8u8_gemm_6x64__avx512_vnni"; }
 
  protected:
-  void quantize_rows(const float* x, int64_t rows, bool per_tensor, float x_scale, uint8_t x_zp,
-                     float* row_scale, int32_t* row_zp, uint8_t* out) const override {
-    avx512::quantize_rows(x, rows, k(), per_tensor, x_scale, x_zp, row_scale, row_zp, out);
-  }
-
   void compute(const uint8_t* xq, int64_t m, const Epilogue& epi,
                const Runner& runner) const override {
     const int64_t row_blocks = (m + kRows - 1) / kRows;

@@ -86,10 +86,10 @@ using DotFn = void (*)(const uint8_t*, const Group*, const Group*, int32_t*);
 constexpr DotFn kDot[kMaxTiles + 1] = {nullptr, dot_channel<1>, dot_channel<2>, dot_channel<3>,
                                        dot_channel<4>};
 
-class LinearAvx512Vnni final : public LinearKernel {
+class LinearAvx512Vnni final : public avx512::Kernel {
  public:
   explicit LinearAvx512Vnni(const PackedWeightView& view)
-      : LinearKernel(view.n, view.k), groups_along_k_((int64_t{view.k} + 3) / 4) {
+      : avx512::Kernel(view.n, view.k), groups_along_k_((int64_t{view.k} + 3) / 4) {
     set_channel_data(view);
     const RowGroups rg = row_groups_1x4(view);
     chunks_ = (groups_along_k_ + kChunkGroups - 1) / kChunkGroups;
@@ -113,11 +113,6 @@ class LinearAvx512Vnni final : public LinearKernel {
   std::string name() const override { return "s8u8_spmm_1x4_m64__avx512_vnni"; }
 
  protected:
-  void quantize_rows(const float* x, int64_t rows, bool per_tensor, float x_scale, uint8_t x_zp,
-                     float* row_scale, int32_t* row_zp, uint8_t* out) const override {
-    avx512::quantize_rows(x, rows, k(), per_tensor, x_scale, x_zp, row_scale, row_zp, out);
-  }
-
   void compute(const uint8_t* xq, int64_t m, const Epilogue& epi,
                const Runner& runner) const override {
     const int64_t kp = groups_along_k_ * 4;
