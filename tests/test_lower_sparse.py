@@ -20,7 +20,9 @@ from fastonnx.passes.lower_sparse import group_sparsity, lower_sparse  # noqa: E
 D, F = 64, 96  # hidden size, feed-forward size
 
 
-def qdq_mlp(sparsities=(0.9, 0.9), *, block=(1, 4), gelu="Gelu", static=True, seed=0):
+def qdq_mlp(
+    sparsities=(0.9, 0.9), *, block=(1, 4), gelu="Gelu", static=True, residual=False, seed=0
+):
     """X[B,S,D] -Q/DQ- MatMul(W1) + b1 -> GELU -Q/DQ- MatMul(W2) + b2 -> Y, weights DQ per
     channel. gelu: "Gelu" (ONNX), "BiasGelu" (com.microsoft, bias folded in) or None."""
     rng = np.random.default_rng(seed)
@@ -59,7 +61,11 @@ def qdq_mlp(sparsities=(0.9, 0.9), *, block=(1, 4), gelu="Gelu", static=True, se
             nodes.append(helper.make_node("Identity", ["h_b"], ["h"]))
     h = qdq("h", "h", 0.02, 10) if static else "h"
     y, b2 = linear(h, "fc2", F, D, sparsities[1])
-    nodes.append(helper.make_node("Add", [y, const("b2", b2)], ["Y"]))
+    if residual:  # Y = fc2(...) + b2 + X, as an encoder's residual connection
+        nodes.append(helper.make_node("Add", [y, const("b2", b2)], ["y_b"]))
+        nodes.append(helper.make_node("Add", ["y_b", "X"], ["Y"]))
+    else:
+        nodes.append(helper.make_node("Add", [y, const("b2", b2)], ["Y"]))
     graph = helper.make_graph(
         nodes,
         "mlp",
@@ -70,7 +76,7 @@ def qdq_mlp(sparsities=(0.9, 0.9), *, block=(1, 4), gelu="Gelu", static=True, se
     opsets = [helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 10
-    return model
+    return onnx.shape_inference.infer_shapes(model)
 
 
 def run_plain(model: onnx.ModelProto, x):
@@ -127,6 +133,25 @@ def test_dynamic_activations_track_float_activations_better():
     float_acts = run_plain(qdq_mlp(static=False), x)
     assert cosine(run_fast(dynamic, x), float_acts) >= 0.999
     assert cosine(run_fast(dynamic, x), float_acts) > cosine(run_fast(static, x), float_acts)
+
+
+def test_residual_add_folds_into_the_op():
+    model = qdq_mlp(residual=True)
+    lowered, report = lower(model, dynamic_activations=False)
+    assert [layer.residual for layer in report.lowered] == [False, True]
+    assert [n.op_type for n in lowered.graph.node].count("Add") == 0
+    assert [o.name for o in lowered.graph.output] == ["Y"]
+    x = np.random.default_rng(5).standard_normal((2, 7, D)).astype(np.float32)
+    expected = run_plain(model, x)
+    assert np.abs(run_fast(lowered, x) - expected).max() <= 1e-3 * np.abs(expected).max() + 1e-4
+
+
+def test_residual_of_unknown_shape_is_left_as_an_add():
+    model = qdq_mlp(residual=True)
+    del model.graph.value_info[:]  # no shapes: broadcasting cannot be ruled out
+    lowered, report = lower(model, dynamic_activations=False)
+    assert [layer.residual for layer in report.lowered] == [False, False]
+    assert [n.op_type for n in lowered.graph.node].count("Add") == 1
 
 
 def test_dense_layers_stay_on_ort_with_reason():

@@ -45,12 +45,20 @@ def _report_leftovers(model: ir.Model) -> None:
             logger.warning("%d %s node(s) left after fusion: %s", left, op_type, hint)
 
 
-def fuse_encoder(model: ir.Model, *, fold_bias: bool = True, debug: bool = False) -> dict[str, int]:
+def fuse_encoder(
+    model: ir.Model,
+    *,
+    fold_bias: bool = True,
+    skip_layer_norm: bool = True,
+    debug: bool = False,
+) -> dict[str, int]:
     """Clean and fuse a transformer encoder in place; return what changed.
 
     Returns one count per fusion (keys in :data:`FUSIONS`: how many times each fired) and the
     clean-up counts under ``cleanup.<name>``. ``fold_bias=False`` keeps every linear layer's
-    bias as its own Add (no BiasGelu, no bias input on SkipLayerNormalization). ``debug=True``
+    bias as its own Add (no BiasGelu, no bias input on SkipLayerNormalization).
+    ``skip_layer_norm=False`` leaves residual Add + LayerNormalization unfused, for the sparse
+    lowering to fold the Add into SparseLinear. ``debug=True``
     logs the failure reasons of the closest attention matches when some attention is left.
     """
     counts: dict[str, int] = {}
@@ -58,7 +66,9 @@ def fuse_encoder(model: ir.Model, *, fold_bias: bool = True, debug: bool = False
     counts["layer_norm"] = fuse_layer_norm(model)
     counts["gelu"] = fuse_gelu(model)
     counts["attention"] = fuse_attention(model, debug=debug)
-    counts["skip_layer_norm"] = fuse_skip_layer_norm(model, fold_bias=fold_bias)
+    counts["skip_layer_norm"] = (
+        fuse_skip_layer_norm(model, fold_bias=fold_bias) if skip_layer_norm else 0
+    )
     counts["bias_gelu"] = fuse_bias_gelu(model) if fold_bias else 0
     # One mask clamp/expand per layer computes the same thing: share it. Rewrites also leave
     # constants and initializers behind (old Reshape targets, scale scalars).

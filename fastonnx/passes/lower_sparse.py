@@ -5,9 +5,12 @@ features, N output features / channels), Y its float output.
 
 Matched (the QDQ form written by ``quantize_qdq``, or weight-only DQ)::
 
-    X ─Q─DQ─┐                                          X ─┐
-    W_s8 ─DQ(per channel)─ MatMul ─[Add bias]─[Gelu]  =>  SparseLinear(X, W_packed, bias,
-            (or Gemm, or MatMul ─ BiasGelu)                 x_scale, x_zero_point, activation)
+    X ─Q─DQ─┐                                                  X ─┐
+    W_s8 ─DQ(per channel)─ MatMul ─[Add bias]─[Gelu | Add R]  =>  SparseLinear(X, W_packed,
+            (or Gemm, or MatMul ─ BiasGelu)                        bias, x_scale, x_zero_point,
+                                                                   R, activation)
+
+R is a residual of the output's exact (static or symbolic) shape.
 
 By default, and always without a Q/DQ pair on X, the op quantizes X per row at run time. The
 weight is re-packed into fastonnx's portable blob (see docs/operators.md) when its sparsity,
@@ -37,6 +40,7 @@ class LoweredLayer:
     static_input: bool  # X quantized with calibrated scale (else dynamic per row)
     bias: bool
     gelu: bool
+    residual: bool
     packed_bytes: int
 
 
@@ -68,6 +72,7 @@ class _Match:
     scale: np.ndarray  # float32 [N]
     bias: np.ndarray | None
     gelu: bool
+    residual: ir.Value | None
     output: ir.Value  # the value SparseLinear's output replaces
     folded: tuple[ir.Node, ...]  # nodes after the MatMul that fold into the op
 
@@ -139,8 +144,19 @@ def _match_input(node: ir.Node) -> tuple[ir.Value, ir.Value | None, ir.Value | N
     return "activation DequantizeLinear does not read a uint8 tensor"
 
 
+def _same_shape(a: ir.Value, b: ir.Value) -> bool:
+    """True when both shapes are known and equal dimension by dimension (symbols included)."""
+    if a.shape is None or b.shape is None or len(a.shape) != len(b.shape):
+        return False
+    return all(
+        x is not None and str(x) not in ("", "None") and x == y
+        for x, y in zip(a.shape.dims, b.shape.dims, strict=True)
+    )
+
+
 def _match_epilogue(node: ir.Node, n: int):
-    """Bias and GELU following the layer: (bias [N] | None, gelu, output, folded nodes)."""
+    """Bias, GELU and residual following the layer:
+    (bias [N] | None, gelu, residual | None, output, folded nodes)."""
     y = node.outputs[0]
     bias = None
     gelu = False
@@ -167,7 +183,20 @@ def _match_epilogue(node: ir.Node, n: int):
         if exact:
             gelu, y = True, consumer.outputs[0]
             folded.append(consumer)
-    return bias, gelu, y, tuple(folded)
+    residual = None
+    consumer = _sole_consumer(y)
+    if not gelu and consumer is not None and consumer.op_type == "Add":
+        other = consumer.inputs[1] if consumer.inputs[0] is y else consumer.inputs[0]
+        out = consumer.outputs[0]
+        if (
+            _const(other) is None
+            and other.dtype == ir.DataType.FLOAT
+            and _same_shape(other, y)
+            and _same_shape(out, y)
+        ):
+            residual, y = other, out
+            folded.append(consumer)
+    return bias, gelu, residual, y, tuple(folded)
 
 
 def match_layer(node: ir.Node) -> _Match | str:
@@ -187,8 +216,8 @@ def match_layer(node: ir.Node) -> _Match | str:
     epilogue = _match_epilogue(node, weight[0].shape[0])
     if isinstance(epilogue, str):
         return epilogue
-    bias, gelu, output, folded = epilogue
-    return _Match(node, *x, *weight, bias, gelu, output, folded)
+    bias, gelu, residual, output, folded = epilogue
+    return _Match(node, *x, *weight, bias, gelu, residual, output, folded)
 
 
 def block_sparsity(w: np.ndarray, block: tuple[int, int]) -> float:
@@ -232,6 +261,8 @@ def _lower(graph: ir.Graph, m: _Match, name: str) -> LoweredLayer:
         bias = ir.Value(name=f"{name}/bias", const_value=ir.tensor(m.bias.astype(np.float32)))
         graph.register_initializer(bias)
         inputs[2] = bias
+    if m.residual is not None:
+        inputs.append(m.residual)
     while inputs[-1] is None:
         inputs.pop()
     attrs = {"activation": "gelu"} if m.gelu else None
@@ -256,6 +287,7 @@ def _lower(graph: ir.Graph, m: _Match, name: str) -> LoweredLayer:
         static_input=m.x_scale is not None,
         bias=m.bias is not None,
         gelu=m.gelu,
+        residual=m.residual is not None,
         packed_bytes=blob.size,
     )
 
