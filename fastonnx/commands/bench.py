@@ -1,9 +1,94 @@
-"""`fastonnx bench kernels`: kernel speed against ORT's own MatMul and DynamicQuantizeMatMul."""
+"""`fastonnx bench`: two benchmarks behind one command.
+
+* ``fastonnx bench kernels [options]`` — kernel speed against ORT's MatMul and
+  DynamicQuantizeMatMul (:mod:`fastonnx.bench.kernels`);
+* ``fastonnx bench MODEL.onnx [options]`` — a whole encoder against vanilla ORT, ORT's own
+  optimizer and int8 quantizer, and OpenVINO when installed (:mod:`fastonnx.bench.model`).
+
+The ``bench`` sub-command takes the target and hands the rest of the command line to that
+target's own parser, so each form has its own options and ``--help``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+_BENCH_EPILOG = """\
+forms:
+  fastonnx bench kernels [options]       sparse INT8 linear op vs ORT's MatMul and
+                                         DynamicQuantizeMatMul, one layer at a time
+  fastonnx bench MODEL.onnx [options]    the exported encoder vs vanilla ORT, ORT's optimizer,
+                                         ORT dynamic int8, fastonnx int8/sparse-int8, OpenVINO
+
+options come after the target; see `fastonnx bench kernels --help` and
+`fastonnx bench MODEL.onnx --help`.
+"""
+
+_MODEL_EPILOG = """\
+variants (--variants selects some; all by default):
+  1  ort-fp32      ORT, the model as exported
+  2  ort-opt       ORT after onnxruntime.transformers optimize_model (model_type bert)
+  3  ort-int8      ORT quantize_dynamic applied to variant 2's model
+  4  fastonnx-qdq  fastonnx preset int8 (QDQ), in vanilla ORT without fastonnx's library
+  5  fastonnx      fastonnx preset sparse-int8, with fastonnx's custom-op library
+  6a openvino      OpenVINO on the exported model (its CPU default precision; bf16 on CPUs
+                   with AMX / AVX512-BF16, read back from the compiled model)
+  6b openvino-qdq  OpenVINO on variant 4's QDQ model
+  A variant that cannot be built or run is reported in its row with the error; OpenVINO
+  variants are skipped with a note when openvino is not installed.
+
+measurement:
+  Batch-1 latency on each --threads count, throughput at each --batch-sizes on the most
+  threads. Within one setting every variant's session is opened first, then the variants
+  run interleaved round by round (A B C A B C ...) after --warmup rounds, on identical
+  synthesized token inputs (--seed). ORT's worker spinning is off unless --spin: an idle
+  session's spinning workers would steal cores from the session timed next.
+  Parity: cosine (worst sample) and max abs diff of the first output against variant 1,
+  on --parity-samples fresh inputs (every other one padded).
+
+accuracy (--eval-data FILE.npz):
+  one array per model input (axis 0 = rows) plus `labels` (integer class ids); the first
+  model output must be logits [rows, classes]; accuracy = mean(argmax == labels).
+
+calibration (variants 4 and 5): --calibration FILE.npz (one array per model input), or
+  --num-samples synthesized token inputs of length --seq-len (said in the notes).
+
+writes, under --out-dir: bench.json (fields documented in fastonnx/bench/report.py),
+  bench.png, models/ (the variants' model files), profile/ (ORT traces, with --profile).
+
+exit status: 0 done (failed variants are in the table), 1 no variant could be timed,
+  2 bad input or options.
+
+example:
+  fastonnx bench model.onnx --threads 1 2 --batch-sizes 8 --profile -o bench-out
+"""
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark fastonnx against ONNX Runtime (kernels, or a whole model)",
+        description="Benchmarks that print figures, side by side against ONNX Runtime.",
+        epilog=_BENCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("target", metavar="kernels|MODEL.onnx", help="what to benchmark")
+    p.add_argument(
+        "options", nargs=argparse.REMAINDER, help="that benchmark's options (see its --help)"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.target == "kernels":
+        return run_kernels(kernels_parser().parse_args(args.options))
+    return run_model(model_parser().parse_args([args.target, *args.options]))
+
+
+# --------------------------------------------------------------------------------------------
+# fastonnx bench kernels
 
 
 def _block(text: str) -> tuple[int, int]:
@@ -21,19 +106,16 @@ def _sparsity(text: str) -> float:
     return value
 
 
-def add_parser(subparsers) -> None:
+def kernels_parser() -> argparse.ArgumentParser:
     from fastonnx.bench.kernels import DEFAULT_SPARSITIES, SHAPES
 
-    p = subparsers.add_parser(
-        "bench",
-        help="benchmark fastonnx against ONNX Runtime",
-        description="Benchmarks that print figures. `fastonnx bench kernels` times the sparse "
-        "INT8 linear op against ORT's fp32 MatMul and int8 DynamicQuantizeMatMul "
-        "(com.microsoft) on the linear-layer shapes of MiniLM-L6 and DistilBERT, each as a "
-        "one-node ORT session, interleaved round by round after a warm-up; it prints median "
-        "and p90 per call and the speed-up ratios.",
+    p = argparse.ArgumentParser(
+        prog="fastonnx bench kernels",
+        description="Times the sparse INT8 linear op against ORT's fp32 MatMul and int8 "
+        "DynamicQuantizeMatMul (com.microsoft) on the linear-layer shapes of MiniLM-L6 and "
+        "DistilBERT, each as a one-node ORT session, interleaved round by round after a "
+        "warm-up; it prints median and p90 per call and the speed-up ratios.",
     )
-    p.add_argument("target", choices=["kernels"], help="what to benchmark")
     p.add_argument(
         "--models",
         nargs="+",
@@ -60,10 +142,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--runs", type=int, default=50, help="timed calls per variant (50)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.set_defaults(func=run)
+    return p
 
 
-def run(args: argparse.Namespace) -> int:
+def run_kernels(args: argparse.Namespace) -> int:
     from fastonnx.bench import kernels
 
     env = kernels.environment(args.threads)
@@ -100,3 +182,169 @@ def run(args: argparse.Namespace) -> int:
         kernels.write_json(args.json, rows, env)
         print(f"wrote {args.json}")
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# fastonnx bench MODEL.onnx
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def model_parser() -> argparse.ArgumentParser:
+    from fastonnx.bench.variants import SPECS
+
+    p = argparse.ArgumentParser(
+        prog="fastonnx bench",
+        usage="fastonnx bench MODEL.onnx [options]",
+        description="Compare an exported encoder on ORT (as exported, after ORT's optimizer, "
+        "ORT dynamic int8), fastonnx (int8 QDQ in vanilla ORT, sparse-int8 with fastonnx's "
+        "kernels) and OpenVINO when installed: latency, throughput, output parity, and "
+        "optionally accuracy and a per-operator profile; as a table, JSON and a PNG chart.",
+        epilog=_MODEL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", type=Path, metavar="MODEL.onnx", help="the encoder as exported")
+    p.add_argument(
+        "-o",
+        "--out-dir",
+        type=Path,
+        default=Path("bench-out"),
+        metavar="DIR",
+        help="where results go (default: %(default)s)",
+    )
+    shape = p.add_argument_group("what to time")
+    shape.add_argument(
+        "--seq-len", metavar="N", type=_positive, default=128, help="sequence length (128)"
+    )
+    shape.add_argument(
+        "--threads",
+        metavar="N",
+        type=_positive,
+        nargs="+",
+        default=[1, 2],
+        help="intra-op thread counts for batch-1 latency (default: 1 2)",
+    )
+    shape.add_argument(
+        "--batch-sizes",
+        metavar="N",
+        type=_positive,
+        nargs="*",
+        default=[8],
+        help="throughput batch sizes, timed on the most threads (default: 8; none to skip)",
+    )
+    shape.add_argument("--warmup", metavar="N", type=_count, default=5, help="warm-up rounds (5)")
+    shape.add_argument("--runs", metavar="N", type=_positive, default=30, help="timed rounds (30)")
+    shape.add_argument(
+        "--seed", metavar="N", type=int, default=0, help="seed of the synthesized inputs (0)"
+    )
+    shape.add_argument(
+        "--variants",
+        nargs="+",
+        choices=[s.key for s in SPECS],
+        metavar="KEY",
+        default=[s.key for s in SPECS],
+        help="variants to run (default: all; keys below)",
+    )
+    shape.add_argument(
+        "--spin", action="store_true", help="keep ORT's spinning worker threads (default: off)"
+    )
+    models = p.add_argument_group("fastonnx variants")
+    models.add_argument(
+        "--calibration", type=Path, metavar="FILE.npz", help="int8 calibration inputs"
+    )
+    models.add_argument(
+        "--num-samples", metavar="N", type=_positive, default=16, help="calibration samples (16)"
+    )
+    models.add_argument(
+        "--fastonnx-model",
+        type=Path,
+        metavar="FILE",
+        help="an already optimized sparse-int8 model (variant 5): skip optimizing",
+    )
+    models.add_argument(
+        "--qdq-model",
+        type=Path,
+        metavar="FILE",
+        help="an already optimized int8 QDQ model (variants 4 and 6b): skip optimizing",
+    )
+    checks = p.add_argument_group("checks and reports")
+    checks.add_argument(
+        "--parity-samples",
+        metavar="N",
+        type=_positive,
+        default=4,
+        help="inputs compared with variant 1 (4)",
+    )
+    checks.add_argument(
+        "--eval-data", type=Path, metavar="FILE.npz", help="inputs + labels: report accuracy"
+    )
+    checks.add_argument(
+        "--profile",
+        action="store_true",
+        help="per-operator time (ORT profiler) of variant 5 and ORT's faster int8 variant",
+    )
+    checks.add_argument("--no-chart", action="store_true", help="do not draw bench.png")
+    checks.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def run_model(args: argparse.Namespace) -> int:
+    from fastonnx.bench.chart import ChartUnavailable, write_chart
+    from fastonnx.bench.model import BenchConfig, Progress, run_model_bench
+    from fastonnx.bench.report import format_header, format_profiles, format_table, write_json
+    from fastonnx.model_io import InputError
+
+    config = BenchConfig(
+        model=args.model,
+        out_dir=args.out_dir,
+        seq_len=args.seq_len,
+        threads=tuple(dict.fromkeys(args.threads)),
+        batch_sizes=tuple(dict.fromkeys(args.batch_sizes)),
+        warmup=args.warmup,
+        runs=args.runs,
+        seed=args.seed,
+        variants=tuple(dict.fromkeys(args.variants)),
+        calibration=args.calibration,
+        num_samples=args.num_samples,
+        parity_samples=args.parity_samples,
+        fastonnx_model=args.fastonnx_model,
+        qdq_model=args.qdq_model,
+        eval_data=args.eval_data,
+        profile=args.profile,
+        spin=args.spin,
+        chart=not args.no_chart,
+    )
+    progress = Progress(enabled=not args.quiet)
+    try:
+        result = run_model_bench(config, progress)
+    except InputError as exc:
+        print(f"fastonnx bench: error: {exc}", file=sys.stderr)
+        return 2
+    if config.chart:
+        try:
+            result.chart_path = write_chart(result, config.out_dir / "bench.png")
+        except ChartUnavailable as exc:
+            result.notes.append(f"no chart: {exc}")
+    result.json_path = write_json(result, config.out_dir / "bench.json")
+
+    print(format_header(result))
+    print(format_table(result))
+    if result.profiles:
+        print()
+        print(format_profiles(result))
+    written = [result.json_path] + ([result.chart_path] if result.chart_path else [])
+    print(f"\nwrote {', '.join(str(p) for p in written)}")
+    timed = any(m.timing for r in result.results for m in r.timings.values())
+    return 0 if timed else 1
