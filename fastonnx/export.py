@@ -47,11 +47,11 @@ def input_names_for(torch_model: Any) -> list[str]:
     return names
 
 
-def _wrapper(torch_model: Any, input_names: list[str]):
+def _wrapper(torch_model: Any, input_names: list[str], output: str):
     import torch
 
     class _KeywordEncoder(torch.nn.Module):
-        """Calls the encoder with keyword arguments and returns only the last hidden state."""
+        """Calls the model with keyword arguments and returns only the one output."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -59,7 +59,7 @@ def _wrapper(torch_model: Any, input_names: list[str]):
 
         def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
             outputs = self.encoder(**dict(zip(input_names, inputs, strict=True)), return_dict=True)
-            return outputs.last_hidden_state
+            return getattr(outputs, output)
 
     # eval(): the wrapper is a fresh module, and torch warns (and may trace dropout) otherwise.
     return _KeywordEncoder().eval()
@@ -93,8 +93,12 @@ def export_encoder(
     batch: int = 1,
     seq_len: int = 16,
     opset: int | None = None,
+    output: str = OUTPUT_NAME,
 ) -> Path:
     """Export a Hugging Face encoder (BERT, DistilBERT, RoBERTa...) to ``path``; return the path.
+
+    ``output``: the model output to export, ``last_hidden_state`` [B, S, D] (encoders) or
+    ``logits`` [B, L] (task models such as ``...ForSequenceClassification``).
 
     ``batch`` and ``seq_len`` only size the example inputs used for tracing: both axes are
     dynamic in the result. ``opset`` defaults to each exporter's own default. The dynamo exporter
@@ -106,9 +110,12 @@ def export_encoder(
     path.parent.mkdir(parents=True, exist_ok=True)
     torch_model = torch_model.eval()
     input_names = input_names_for(torch_model)
-    wrapper = _wrapper(torch_model, input_names)
+    if output not in (OUTPUT_NAME, "logits"):
+        raise ValueError(f"output must be '{OUTPUT_NAME}' or 'logits', got {output!r}")
+    wrapper = _wrapper(torch_model, input_names, output)
     example = _example_inputs(torch_model, input_names, batch, seq_len)
     axes = {0: "batch", 1: "sequence"}
+    output_axes = axes if output == OUTPUT_NAME else {0: "batch"}
 
     with torch.no_grad():
         if dynamo:
@@ -120,7 +127,7 @@ def export_encoder(
                 path,
                 dynamo=True,
                 input_names=input_names,
-                output_names=[OUTPUT_NAME],
+                output_names=[output],
                 opset_version=opset,
                 # One entry per positional input of the wrapper's *inputs.
                 dynamic_shapes=(tuple({0: batch_dim, 1: seq_dim} for _ in input_names),),
@@ -132,9 +139,9 @@ def export_encoder(
                 path,
                 dynamo=False,
                 input_names=input_names,
-                output_names=[OUTPUT_NAME],
+                output_names=[output],
                 opset_version=opset,
-                dynamic_axes={name: axes for name in [*input_names, OUTPUT_NAME]},
+                dynamic_axes={**{name: axes for name in input_names}, output: output_axes},
             )
 
     # Check without loading weights: the dynamo exporter may have put them in external data.

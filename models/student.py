@@ -1,0 +1,160 @@
+"""Recipe: a block-sparse student, pruned gradually while distilled from the dense teacher.
+
+    python models/student.py --sparsity 0.9 [--block-shape 1x4] [--cache DIR] [--tiny | --full]
+
+Runs the teacher recipe first for whatever of it is missing. The student starts as a copy of
+the teacher; its encoder's linear layers are block-pruned along a cubic schedule (Zhu & Gupta)
+that reaches ``--sparsity`` part-way through training, the rest of the steps recovering
+accuracy, with the loss of :func:`fastonnx.compress.distillation_loss` (labels + the teacher's
+soft targets + hidden states). Outputs, under ``<cache>/<mode>/student-<percent>/``:
+``model`` (weights + tokenizer), ``metrics.json`` (dev accuracy, per-layer sparsity), and
+``onnx/model.onnx`` (output ``logits``), checked to carry the same block sparsity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import common
+import teacher as teacher_recipe
+
+
+def student_dir(args: argparse.Namespace) -> Path:
+    return common.run_dir(args) / f"student-{round(args.sparsity * 100)}"
+
+
+def prune_and_distill(args, paths: teacher_recipe.TeacherPaths, out: Path) -> dict:
+    import torch
+
+    from fastonnx.compress import BlockPruner, CubicSchedule, DistillConfig, train
+
+    settings = common.settings_for(args)
+    split = common.load_split(paths.split)
+    teacher, tokenizer = teacher_recipe.load_teacher(paths)
+    student = copy.deepcopy(teacher)
+    steps = settings.student_steps
+    schedule = CubicSchedule(
+        final_sparsity=args.sparsity,
+        begin_step=0,
+        end_step=max(1, round(settings.prune_end_fraction * steps)),
+        frequency=settings.prune_frequency,
+    )
+    pruner = BlockPruner(student, schedule, block_shape=args.block_shape)
+    block = "x".join(map(str, pruner.block_shape))
+    print(f"[student] {len(pruner.layer_names)} layers, {block} blocks, schedule {schedule}")
+    torch.manual_seed(args.seed)
+    batches = common.batches_of(
+        tokenizer,
+        split.train_texts,
+        split.train_labels,
+        settings.batch_size,
+        settings.max_len,
+        seed=args.seed + 1,
+    )
+    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.student_lr, weight_decay=0.01)
+    config = DistillConfig(
+        temperature=settings.temperature,
+        alpha_task=0.5,
+        alpha_kd=0.5,
+        alpha_hidden=settings.alpha_hidden,
+    )
+    with common.timed(f"prune + distill to {args.sparsity:.0%}, {steps} steps"):
+        result = train(
+            student,
+            teacher,
+            batches,
+            steps=steps,
+            optimizer=optimizer,
+            pruner=pruner,
+            config=config,
+            lr_scheduler=teacher_recipe.linear_warmup_decay(optimizer, steps),
+            log_every=max(1, steps // 10),
+        )
+    print(pruner.report())
+    with common.timed("student dev accuracy"):
+        dev = common.batches_of(tokenizer, split.dev_texts, split.dev_labels, 64, settings.max_len)
+        acc = common.accuracy(student, dev)
+    print(f"[student] dev accuracy {acc:.4f}")
+    with common.atomic_dir(out / "model", force=True) as tmp:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return {
+        "dev_accuracy": acc,
+        "target_sparsity": args.sparsity,
+        "block_shape": list(pruner.block_shape),
+        "overall_sparsity": result.sparsity,
+        "steps": steps,
+        "train_seconds": round(result.seconds, 1),
+        "final_loss": result.losses[-1],
+        "layers": {x.name: x.sparsity for x in pruner.layer_sparsity()},
+    }
+
+
+def ensure_student(args: argparse.Namespace) -> Path:
+    """Run whatever of the student recipe is missing; return its ONNX path."""
+    from fastonnx.compress import resolve_block_shape
+    from fastonnx.compress.schedule import check_sparsity
+
+    check_sparsity(args.sparsity)
+    args.block_shape = resolve_block_shape(args.block_shape)
+    # The student's --force redoes the student only.
+    paths = teacher_recipe.ensure_teacher(argparse.Namespace(**{**vars(args), "force": False}))
+    out = student_dir(args)
+    metrics_path = out / "metrics.json"
+    if common.needed(metrics_path, args.force):
+        common.write_json(metrics_path, prune_and_distill(args, paths, out))
+    metrics = common.read_json(metrics_path)
+    print(f"[student] dev accuracy {metrics['dev_accuracy']:.4f} at {args.sparsity:.0%}")
+    onnx_path = out / "onnx" / "model.onnx"
+    if common.needed(onnx_path, args.force):
+        from transformers import AutoModelForSequenceClassification
+
+        from fastonnx.compress import export_pruned
+        from fastonnx.compress.pruning import format_report
+
+        model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+        block = tuple(metrics["block_shape"])
+        with (
+            common.timed("student ONNX export + sparsity check"),
+            common.atomic_dir(onnx_path.parent, force=True) as tmp,
+        ):
+            exported = export_pruned(model, tmp / onnx_path.name, block_shape=block)
+            print(f"[student] block sparsity in the ONNX file, {exported.exporter} exporter:")
+            print(format_report(x.measured for x in exported.layers))
+            sparsity = {x.layer: x.measured.sparsity for x in exported.layers}
+            common.write_json(tmp / "sparsity.json", {"block_shape": block, "layers": sparsity})
+    print(f"[student] {onnx_path}")
+    return onnx_path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Prune + distill a block-sparse student from the teacher; export to ONNX.",
+    )
+    parser.add_argument(
+        "--sparsity",
+        type=float,
+        required=True,
+        help="target block sparsity in [0, 1), e.g. 0.8 or 0.9",
+    )
+    parser.add_argument(
+        "--block-shape",
+        default=None,
+        help="block RxC of the [out, in] weight (default: the local kernels' preferred one)",
+    )
+    common.add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with common.timed(f"student recipe ({args.sparsity:.0%})"):
+        ensure_student(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

