@@ -289,14 +289,22 @@ def _ort_int8(ctx: PrepareContext, source: Path) -> Path:
     from onnxruntime.quantization import quantize_dynamic
 
     path = ctx.file("ort-int8")
+    # ORT's optimizer can leave value_info that contradicts re-inferred shapes (seen on
+    # classifier heads: "Inferred shape and existing shape differ"); the quantizer re-infers
+    # them, so start it from a model without them.
+    model = onnx.load(str(source))
+    del model.graph.value_info[:]
+    cleaned = path.with_name(path.stem + ".input.onnx")
+    onnx.save(model, str(cleaned))
     with quiet_logging():
         # A fused model has com.microsoft ops whose outputs have no inferred type; the quantizer
         # needs a default element type for them.
         quantize_dynamic(
-            str(source),
+            str(cleaned),
             str(path),
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
+    cleaned.unlink()
     return path
 
 
