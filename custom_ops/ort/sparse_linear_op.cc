@@ -198,38 +198,37 @@ class SparseLinearKernel {
   std::unique_ptr<LinearKernel> kernel_;
 };
 
-// Every callback converts exceptions to an OrtStatus: nothing may unwind through ORT's C ABI.
-OrtStatusPtr to_status(const std::exception& e) {
-  const bool bad_input = dynamic_cast<const std::invalid_argument*>(&e) != nullptr;
-  return Ort::GetApi().CreateStatus(bad_input ? ORT_INVALID_ARGUMENT : ORT_FAIL, e.what());
+// Every callback runs through this: no exception may unwind through ORT's C ABI, so each one
+// becomes an OrtStatus (INVALID_ARGUMENT for bad models and inputs).
+template <class F>
+OrtStatusPtr guarded(F&& body, const char* what) noexcept {
+  try {
+    body();
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::invalid_argument& e) {
+    return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+  } catch (const std::exception& e) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
+  } catch (...) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, what);
+  }
 }
 
 OrtStatusPtr ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*,
                                         const OrtKernelInfo* info, void** kernel) noexcept {
-  try {
-    const auto* self = static_cast<const SparseLinearOp*>(op);
-    *kernel = new SparseLinearKernel(info, self->quantized_output);
-    return nullptr;
-  } catch (const Ort::Exception& e) {
-    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-  } catch (const std::exception& e) {
-    return to_status(e);
-  } catch (...) {
-    return Ort::GetApi().CreateStatus(ORT_FAIL, "fastonnx: unknown error creating kernel");
-  }
+  return guarded(
+      [&] {
+        const auto* self = static_cast<const SparseLinearOp*>(op);
+        *kernel = new SparseLinearKernel(info, self->quantized_output);
+      },
+      "fastonnx: unknown error creating kernel");
 }
 
 OrtStatusPtr ORT_API_CALL compute(void* kernel, OrtKernelContext* context) noexcept {
-  try {
-    static_cast<const SparseLinearKernel*>(kernel)->compute(context);
-    return nullptr;
-  } catch (const Ort::Exception& e) {
-    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-  } catch (const std::exception& e) {
-    return to_status(e);
-  } catch (...) {
-    return Ort::GetApi().CreateStatus(ORT_FAIL, "fastonnx: unknown error in compute");
-  }
+  return guarded([&] { static_cast<const SparseLinearKernel*>(kernel)->compute(context); },
+                 "fastonnx: unknown error in compute");
 }
 
 void ORT_API_CALL destroy_kernel(void* kernel) noexcept {
