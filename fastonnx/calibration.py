@@ -104,6 +104,17 @@ def _batch_size(spec: InputSpec, default: int) -> int:
 # .npz files
 
 
+def read_npz(path: Path, error: type[Exception]) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` file; a missing or unreadable file raises ``error``."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except FileNotFoundError as exc:
+        raise error(f"{path}: no such file") from exc
+    except Exception as exc:  # noqa: BLE001 - zipfile / numpy raise several types
+        raise error(f"{path}: not a readable .npz file ({exc})") from exc
+
+
 def from_npz(
     path: str | os.PathLike,
     model: ir.Model,
@@ -117,13 +128,7 @@ def from_npz(
     """
     path = Path(path)
     specs = input_specs(model)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except FileNotFoundError as exc:
-        raise CalibrationError(f"{path}: no such file") from exc
-    except Exception as exc:  # noqa: BLE001 - zipfile / numpy raise several types
-        raise CalibrationError(f"{path}: not a readable .npz file ({exc})") from exc
+    arrays = read_npz(path, CalibrationError)
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise CalibrationError(

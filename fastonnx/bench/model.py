@@ -211,13 +211,9 @@ def load_eval_data(
     path: Path, input_names: Sequence[str]
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The model inputs and integer ``labels`` of an ``.npz`` file, rows on axis 0."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except FileNotFoundError as exc:
-        raise BenchError(f"{path}: no such file") from exc
-    except Exception as exc:  # noqa: BLE001 - zipfile / numpy raise several types
-        raise BenchError(f"{path}: not a readable .npz file ({exc})") from exc
+    from fastonnx.calibration import read_npz
+
+    arrays = read_npz(path, BenchError)
     missing = [n for n in [*input_names, "labels"] if n not in arrays]
     if missing:
         raise BenchError(f"{path}: no array named {', '.join(missing)} (has {sorted(arrays)})")
