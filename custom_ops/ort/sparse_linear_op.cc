@@ -3,6 +3,7 @@
 #include <climits>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -209,10 +210,12 @@ OrtStatusPtr guarded(F&& body, const char* what) noexcept {
     return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
   } catch (const std::invalid_argument& e) {
     return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+  } catch (const std::bad_alloc&) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string(what) + ": out of memory").c_str());
   } catch (const std::exception& e) {
     return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
   } catch (...) {
-    return Ort::GetApi().CreateStatus(ORT_FAIL, what);
+    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string(what) + ": unknown error").c_str());
   }
 }
 
@@ -223,12 +226,12 @@ OrtStatusPtr ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*,
         const auto* self = static_cast<const SparseLinearOp*>(op);
         *kernel = new SparseLinearKernel(info, self->quantized_output);
       },
-      "fastonnx: unknown error creating kernel");
+      "fastonnx: creating the kernel");
 }
 
 OrtStatusPtr ORT_API_CALL compute(void* kernel, OrtKernelContext* context) noexcept {
   return guarded([&] { static_cast<const SparseLinearKernel*>(kernel)->compute(context); },
-                 "fastonnx: unknown error in compute");
+                 "fastonnx: running the kernel");
 }
 
 void ORT_API_CALL destroy_kernel(void* kernel) noexcept {

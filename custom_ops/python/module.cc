@@ -221,6 +221,11 @@ PYBIND11_MODULE(_native, m) {
   m.def("pack_weight", [](const Array<int8_t>& w, const Array<float>& scale,
                           std::pair<uint32_t, uint32_t> block) {
     if (w.ndim() != 2) throw std::invalid_argument("w must be int8 [N, K]");
+    // Check the limits on the full 64-bit shape, before it is narrowed to the format's uint32.
+    if (const std::string why = shape_limit_error(uint64_t(w.shape(0)), uint64_t(w.shape(1)));
+        !why.empty()) {
+      throw std::invalid_argument(why);
+    }
     const auto n = uint32_t(w.shape(0)), k = uint32_t(w.shape(1));
     if (scale.ndim() != 1 || scale.shape(0) != py::ssize_t(n)) {
       throw std::invalid_argument("scale must be float32 [N] with N=" + std::to_string(n));

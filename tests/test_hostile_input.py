@@ -1,0 +1,186 @@
+"""Hostile and broken input (issue 10): hand-made packed weights, the ORT op's edge cases, and
+the native packer's argument checks. Each case ends in its documented outcome (docs/operators.md):
+a clear error naming the problem, or a correct result; never a hang, crash or silent wrong number.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from tests.kernel_reference import block_sparse_weight
+
+_native = pytest.importorskip("fastonnx._native")
+
+HEADER = 48
+MAX_N = MAX_K = 65536
+MAX_ELEMENTS = 1 << 28
+
+
+def make_blob(
+    n,
+    k,
+    *,
+    block=(1, 4),
+    nnz=0,
+    payload=None,
+    version=2,
+    flags=0,
+    reserved=0,
+    payload_bytes=None,
+):
+    """A blob written field by field (no packer), sealed with a valid checksum, so only the field
+    under test is wrong. Without `payload`, an all-zero weight of the given shape (scales 0)."""
+    if payload is None:
+        block_rows = -(-n // block[0])
+        payload = bytes(4 * n) + bytes(4 * (block_rows + 1))
+        payload += bytes(-len(payload) % 4)
+    size = len(payload) if payload_bytes is None else payload_bytes
+    fields = (b"FXSW", version, HEADER, n, k, *block, nnz, flags, 0, reserved, size)
+    head = bytearray(struct.pack("<4sHHIIIIIIIIQ", *fields))
+    crc = zlib.crc32(payload, zlib.crc32(bytes(head))) if version >= 2 else zlib.crc32(payload)
+    struct.pack_into("<I", head, 32, crc)
+    return bytes(head) + payload
+
+
+def reseal(blob: bytes) -> bytes:
+    """The same bytes with a recomputed (format 2) checksum."""
+    head = bytearray(blob[:HEADER])
+    struct.pack_into("<I", head, 32, 0)
+    struct.pack_into("<I", head, 32, zlib.crc32(blob[HEADER:], zlib.crc32(bytes(head))))
+    return bytes(head) + blob[HEADER:]
+
+
+def small_blob(seed=0, n=16, k=32):
+    rng = np.random.default_rng(seed)
+    w = block_sparse_weight(n, k, 0.5, (1, 4), rng)
+    scale = (rng.random(n) * 0.02 + 1e-3).astype(np.float32)
+    return w, scale, _native.pack_weight(w, scale, (1, 4))
+
+
+def rejects(blob: bytes, message: str) -> None:
+    """The parser and kernel creation (every entry point that reads a blob) refuse it."""
+    for read in (_native.weight_info, _native.unpack_weight, _native.Linear):
+        with pytest.raises(ValueError, match=message):
+            read(blob)
+
+
+# --------------------------------------------------------------------------------------------
+# Packed-weight limits (finding 1, 2): checked before anything is allocated
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "message"),
+    [
+        (1, 2**32 - 1, "K=4294967295 input features exceeds the limit of 65536"),
+        (4, 2**32 - 1, "K=4294967295 input features exceeds the limit"),
+        (MAX_N + 1, 4, "N=65537 output channels exceeds the limit of 65536"),
+        (2**32 - 1, 1, "N=4294967295 output channels exceeds"),
+        (4, MAX_K + 1, "K=65537 input features exceeds"),
+        (16384, 16385, "N\\*K=268451840 weights exceeds the limit of 268435456"),
+        (0, 8, "non-empty"),
+        (8, 0, "non-empty"),
+    ],
+)
+def test_dimensions_beyond_the_limits_are_refused(n, k, message):
+    # A 48..60-byte header that claims a huge shape: refused at once (it used to hang or end
+    # in std::bad_alloc).
+    rejects(make_blob(n, k, payload=bytes(12)), message)
+
+
+def test_largest_accepted_shape_loads():
+    # N*K at its limit with no stored block: a valid (all-zero) weight that creates a kernel.
+    blob = make_blob(MAX_N, MAX_ELEMENTS // MAX_N)
+    info = _native.weight_info(blob)
+    assert (info["n"], info["k"], info["nnz_blocks"]) == (MAX_N, 4096, 0)
+    lin = _native.Linear(blob, "ref")
+    y = lin(np.ones((1, 4096), np.float32))
+    assert y.shape == (1, MAX_N) and not y.any()
+
+
+def test_pack_time_limits():
+    one = np.ones(1, np.float32)
+    with pytest.raises(ValueError, match="K=70000 input features exceeds the limit of 65536"):
+        _native.pack_weight(np.ones((1, 70000), np.int8), one, (1, 4))
+    with pytest.raises(ValueError, match="N=65537 output channels exceeds"):
+        _native.pack_weight(
+            np.ones((MAX_N + 1, 1), np.int8), np.ones(MAX_N + 1, np.float32), (1, 4)
+        )
+
+
+def _isas():
+    return [
+        pytest.param(isa, marks=pytest.mark.skipif(bool(why), reason=f"{isa}: {why}"))
+        for isa in _native.all_isas()
+        for why in [_native.isa_unavailable_reason(isa)]
+    ]
+
+
+@pytest.mark.parametrize("isa", _isas())
+def test_accumulation_is_exact_at_the_largest_k(isa):
+    # The worst case for int32: K = 65536, activations 255, weights -128 (and +127): the sums
+    # reach -2,139,095,040, within int32. One row per extreme, plus a mixed row.
+    k, n = MAX_K, 16
+    w = np.full((n, k), -128, np.int8)
+    w[1::2] = 127
+    xq = np.full((3, k), 255, np.uint8)
+    xq[2, ::2] = 0
+    lin = _native.Linear(_native.pack_weight(w, np.ones(n, np.float32), (1, 4)), isa)
+    ref = xq.astype(np.int64) @ w.astype(np.int64).T
+    assert np.abs(ref).max() < 2**31
+    np.testing.assert_array_equal(lin.accumulate(xq).astype(np.int64), ref, err_msg=lin.name)
+
+
+# --------------------------------------------------------------------------------------------
+# Header fields, checksum, scales, sizes (finding 6)
+
+
+def test_reserved_and_flags_must_be_zero():
+    rejects(make_blob(4, 8, reserved=1), "reserved field is 1 \\(must be 0\\)")
+    rejects(make_blob(4, 8, flags=2), "unknown flags 2 \\(must be 0\\)")
+
+
+def test_checksum_covers_the_header():
+    _, _, blob = small_blob()
+    # K flipped 32 -> 36: same block-column count and payload, so only the checksum can tell.
+    flipped = bytearray(blob)
+    struct.pack_into("<I", flipped, 12, 36)
+    rejects(bytes(flipped), "checksum mismatch")
+
+
+def test_version_1_blobs_are_still_read():
+    w, scale, blob = small_blob()
+    v1 = bytearray(blob)
+    struct.pack_into("<H", v1, 4, 1)
+    struct.pack_into("<I", v1, 32, zlib.crc32(blob[HEADER:]))  # version 1: payload only
+    w1, s1, _ = _native.unpack_weight(bytes(v1))
+    np.testing.assert_array_equal(w1, w)
+    np.testing.assert_array_equal(s1, scale)
+    # ...with the structural checks still behind its weaker checksum.
+    struct.pack_into("<I", v1, 28, 1)
+    with pytest.raises(ValueError, match="unknown flags"):
+        _native.unpack_weight(bytes(v1))
+
+
+@pytest.mark.parametrize("bad", [-1.0, -0.5e-30, float("nan"), float("inf")])
+def test_negative_or_non_finite_scale_is_refused(bad):
+    _, _, blob = small_blob()
+    damaged = bytearray(blob)
+    struct.pack_into("<f", damaged, HEADER + 4 * 3, bad)
+    rejects(reseal(bytes(damaged)), "scale\\[3\\] is .* \\(must be finite and >= 0\\)")
+
+
+def test_wrong_payload_bytes_says_what_differs():
+    _, _, blob = small_blob()
+    real = len(blob) - HEADER
+    head = bytearray(blob[:HEADER])
+    struct.pack_into("<Q", head, 40, real + 4)
+    rejects(reseal(bytes(head) + blob[HEADER:]), f"payload_bytes={real + 4} but .* need {real}")
+    rejects(blob[:-4], f"blob is {len(blob) - 4} bytes, expected {len(blob)}")
+
+
+def test_more_blocks_than_the_shape_holds():
+    rejects(make_blob(4, 8, nnz=9, payload=bytes(64)), "9 stored blocks, more than the 8")
