@@ -184,3 +184,87 @@ def test_wrong_payload_bytes_says_what_differs():
 
 def test_more_blocks_than_the_shape_holds():
     rejects(make_blob(4, 8, nnz=9, payload=bytes(64)), "9 stored blocks, more than the 8")
+
+
+# --------------------------------------------------------------------------------------------
+# The ORT op (findings 4, 6, 7)
+
+ort = pytest.importorskip("onnxruntime")
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state  # noqa: E402
+
+from tests.kernel_reference import sparse_linear  # noqa: E402
+from tests.test_sparse_linear_op import K, N, build_model, packed, session  # noqa: E402
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("op", ["SparseLinear", "SparseLinearU8"])
+@pytest.mark.parametrize("x_shape", [(0, 5, K), (2, 0, K), (0, 0, K)])
+def test_empty_batch_gives_an_empty_output(isa, op, x_shape, monkeypatch):
+    monkeypatch.setenv("FASTONNX_ISA", isa)
+    rng = np.random.default_rng(20)
+    y_quant = (0.05, 128) if op == "SparseLinearU8" else None
+    sess = session(build_model(packed(rng)[2], op=op, y_quant=y_quant, residual=True))
+    x = np.zeros(x_shape, np.float32)
+    (y,) = sess.run(None, {"X": x, "R": np.zeros((*x_shape[:2], N), np.float32)})
+    assert y.shape == (*x_shape[:2], N)
+    assert y.dtype == (np.uint8 if y_quant else np.float32)
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("static", [None, (0.02, 128)], ids=["dynamic", "static"])
+def test_non_finite_rows_give_nan_rows(isa, static, monkeypatch):
+    monkeypatch.setenv("FASTONNX_ISA", isa)
+    rng = np.random.default_rng(21)
+    w, scale, blob = packed(rng)
+    bias = rng.standard_normal(N).astype(np.float32)
+    sess = session(build_model(blob, bias=bias, static=static))
+    x = rng.standard_normal((1, 6, K)).astype(np.float32)
+    x[0, 1, 5] = np.nan
+    x[0, 3, K - 1] = np.inf
+    x[0, 4, 0] = -np.inf
+    (y,) = sess.run(None, {"X": x})
+    bad = [1, 3, 4]
+    assert np.isnan(y[0, bad]).all(), "a NaN or infinity in a row of X must give a NaN row"
+    good = [0, 2, 5]
+    assert np.isfinite(y[0, good]).all()
+    # The other rows are what the op gives for them alone.
+    (y_good,) = sess.run(None, {"X": np.ascontiguousarray(x[:, good])})
+    np.testing.assert_array_equal(y[0, good], y_good[0])
+    if static is None:
+        ref = sparse_linear(x[0, good], w, scale, bias=bias)
+        np.testing.assert_allclose(y_good[0], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_non_finite_rows_give_zero_rows_in_uint8_output():
+    rng = np.random.default_rng(22)
+    _, _, blob = packed(rng)
+    sess = session(build_model(blob, op="SparseLinearU8", y_quant=(0.01, 200)))
+    x = rng.standard_normal((1, 3, K)).astype(np.float32)
+    x[0, 0, 9] = np.nan
+    (y,) = sess.run(None, {"X": x})
+    assert not y[0, 0].any()
+    assert (y[0, 1:] > 0).any()
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [(1, "an int"), (1.5, "a float"), ([1, 2], "a list of ints"), ([0.5], "a list of floats")],
+)
+def test_activation_of_the_wrong_type_is_refused(value, kind):
+    rng = np.random.default_rng(23)
+    with pytest.raises(ort_state.RuntimeException, match=f"'activation' must be a string.*{kind}"):
+        session(build_model(packed(rng)[2], activation=value))
+
+
+def test_error_codes_at_session_creation_and_at_run_time():
+    # ORT reports every kernel-creation failure as RUNTIME_EXCEPTION ("Exception during
+    # initialization: <the op's message>"), whatever status the op returns; run-time errors keep
+    # the op's INVALID_ARGUMENT. docs/operators.md says so.
+    rng = np.random.default_rng(24)
+    blob = packed(rng)[2].copy()
+    blob[-3] ^= 0x5A
+    with pytest.raises(ort_state.RuntimeException, match="initialization: invalid packed weight"):
+        session(build_model(blob))
+    sess = session(build_model(packed(rng)[2], x_dims=["B", "S", "K"]))
+    with pytest.raises(ort_state.InvalidArgument, match="expects 96 input features"):
+        sess.run(None, {"X": np.zeros((1, 2, K + 1), np.float32)})
