@@ -268,3 +268,28 @@ def test_error_codes_at_session_creation_and_at_run_time():
     sess = session(build_model(packed(rng)[2], x_dims=["B", "S", "K"]))
     with pytest.raises(ort_state.InvalidArgument, match="expects 96 input features"):
         sess.run(None, {"X": np.zeros((1, 2, K + 1), np.float32)})
+
+
+# --------------------------------------------------------------------------------------------
+# _native.pack_weight takes exactly int8 weights and float32 scales (finding 6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.int32, np.uint8, bool])
+def test_pack_weight_refuses_non_int8_weights(dtype):
+    w = np.full((4, 8), 1000 if dtype not in (np.uint8, bool) else 1).astype(dtype)
+    with pytest.raises(ValueError, match="w must be int8 \\[N, K\\], got dtype"):
+        _native.pack_weight(w, np.ones(4, np.float32), (1, 4))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int32])
+def test_pack_weight_refuses_non_float32_scales(dtype):
+    with pytest.raises(ValueError, match="scale must be float32 \\[N\\], got dtype"):
+        _native.pack_weight(np.ones((4, 8), np.int8), np.ones(4, dtype), (1, 4))
+
+
+def test_pack_weight_takes_non_contiguous_int8_unchanged():
+    rng = np.random.default_rng(30)
+    w = rng.integers(-128, 128, (8, 16), dtype=np.int8)
+    view = w.T  # Fortran-ordered view of a [16, 8] weight
+    w2, _, _ = _native.unpack_weight(_native.pack_weight(view, np.ones(16, np.float32), (1, 4)))
+    np.testing.assert_array_equal(w2, view)
