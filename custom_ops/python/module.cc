@@ -101,7 +101,7 @@ class PyLinear {
     args.m = x.size() / k;
     Array<float> xf;
     Array<uint8_t> xu;
-    if (x.dtype().is(py::dtype::of<uint8_t>())) {
+    if (x.dtype().equal(py::dtype::of<uint8_t>())) {
       xu = Array<uint8_t>::ensure(x);
       args.xq = xu.data();
     } else {
@@ -221,11 +221,11 @@ PYBIND11_MODULE(_native, m) {
   m.def("pack_weight", [](const py::array& w_any, const py::array& scale_any,
                           std::pair<uint32_t, uint32_t> block) {
     // Exact dtypes: a cast would silently change the weights (int 1000 becomes int8 -24).
-    if (!w_any.dtype().is(py::dtype::of<int8_t>())) {
+    if (!w_any.dtype().equal(py::dtype::of<int8_t>())) {
       throw std::invalid_argument("w must be int8 [N, K], got dtype " +
                                   std::string(py::str(w_any.dtype())) + " (quantize it first)");
     }
-    if (!scale_any.dtype().is(py::dtype::of<float>())) {
+    if (!scale_any.dtype().equal(py::dtype::of<float>())) {
       throw std::invalid_argument("scale must be float32 [N], got dtype " +
                                   std::string(py::str(scale_any.dtype())));
     }
