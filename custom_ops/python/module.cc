@@ -113,7 +113,7 @@ class PyLinear {
     args.m = x.size() / k;
     Array<float> xf;
     Array<uint8_t> xu;
-    if (x.dtype().is(py::dtype::of<uint8_t>())) {
+    if (x.dtype().equal(py::dtype::of<uint8_t>())) {
       xu = Array<uint8_t>::ensure(x);
       args.xq = xu.data();
     } else {
@@ -252,9 +252,25 @@ PYBIND11_MODULE(_native, m) {
   }, py::arg("isa") = py::none(),
      "The block shape the kernels of this machine (or of `isa`) exploit best.");
 
-  m.def("pack_weight", [](const Array<int8_t>& w, const Array<float>& scale,
+  m.def("pack_weight", [](const py::array& w_any, const py::array& scale_any,
                           std::pair<uint32_t, uint32_t> block) {
+    // Exact dtypes: a cast would silently change the weights (int 1000 becomes int8 -24).
+    if (!w_any.dtype().equal(py::dtype::of<int8_t>())) {
+      throw std::invalid_argument("w must be int8 [N, K], got dtype " +
+                                  std::string(py::str(w_any.dtype())) + " (quantize it first)");
+    }
+    if (!scale_any.dtype().equal(py::dtype::of<float>())) {
+      throw std::invalid_argument("scale must be float32 [N], got dtype " +
+                                  std::string(py::str(scale_any.dtype())));
+    }
+    const auto w = Array<int8_t>::ensure(w_any);  // C-contiguous, same dtype: no value changes
+    const auto scale = Array<float>::ensure(scale_any);
     if (w.ndim() != 2) throw std::invalid_argument("w must be int8 [N, K]");
+    // Check the limits on the full 64-bit shape, before it is narrowed to the format's uint32.
+    if (const std::string why = shape_limit_error(uint64_t(w.shape(0)), uint64_t(w.shape(1)));
+        !why.empty()) {
+      throw std::invalid_argument(why);
+    }
     const auto n = uint32_t(w.shape(0)), k = uint32_t(w.shape(1));
     if (scale.ndim() != 1 || scale.shape(0) != py::ssize_t(n)) {
       throw std::invalid_argument("scale must be float32 [N] with N=" + std::to_string(n));
