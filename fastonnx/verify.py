@@ -188,7 +188,9 @@ def linear_kernels(model: ir.Model) -> dict[str, int]:
     constants = {t.name for t in graph.initializer}
     counts: collections.Counter[str] = collections.Counter()
     for node in graph.node:
-        if node.op_type in INT8_LINEAR_OPS or node.domain == OP_DOMAIN:
+        if node.op_type in INT8_LINEAR_OPS or (
+            node.domain == OP_DOMAIN and node.op_type.startswith("SparseLinear")
+        ):
             counts["int8"] += 1
             counts[node.op_type] += 1
         elif node.op_type in ("MatMul", "Gemm", "FusedMatMul", "FusedGemm"):

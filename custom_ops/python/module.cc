@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <chrono>
 #include <optional>
@@ -12,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "../kernels/attention.h"
 #include "../kernels/cpu_features.h"
 #include "../kernels/kernel_manifest.h"
 #include "../kernels/linear.h"
@@ -201,6 +203,67 @@ class PyLinear {
   std::unique_ptr<LinearKernel> kernel_;
 };
 
+std::optional<AttentionPath> attention_path_arg(const std::optional<std::string>& name) {
+  if (!name || *name == "auto") return std::nullopt;
+  const auto path = parse_attention_path(*name);
+  if (!path) throw std::invalid_argument("unknown attention path '" + *name + "' (avx512_bf16, ref)");
+  return path;
+}
+
+// Y = softmax(Q K^T * scale + mask) V; key/value None means q is packed [B, S, 3D].
+Array<float> attention(const Array<float>& q, const std::optional<Array<float>>& k,
+                       const std::optional<Array<float>>& v, const std::optional<Array<float>>& mask,
+                       int64_t num_heads, std::optional<float> scale,
+                       const std::optional<std::string>& path_name, int threads) {
+  if (q.ndim() != 3) throw std::invalid_argument("q must be float32 [B, S, D] or [B, S, 3D]");
+  if (bool(k) != bool(v)) throw std::invalid_argument("give both k and v, or neither (packed q)");
+  AttentionArgs args;
+  args.batch = q.shape(0);
+  args.seq = q.shape(1);
+  args.heads = num_heads;
+  args.q = q.data();
+  int64_t d = q.shape(2);
+  args.token_stride = d;
+  if (k) {
+    for (const Array<float>* x : {&*k, &*v}) {
+      if (x->ndim() != 3 || x->shape(0) != q.shape(0) || x->shape(1) != q.shape(1) ||
+          x->shape(2) != q.shape(2)) {
+        throw std::invalid_argument("k and v must have q's shape [B, S, D]");
+      }
+    }
+    args.k = k->data();
+    args.v = v->data();
+  } else {
+    if (d % 3) throw std::invalid_argument("packed q's last dimension is not 3 * D");
+    d /= 3;
+    args.k = args.q + d;
+    args.v = args.q + 2 * d;
+  }
+  if (num_heads < 1 || d % num_heads) {
+    throw std::invalid_argument("num_heads=" + std::to_string(num_heads) +
+                                " does not divide the hidden size D=" + std::to_string(d));
+  }
+  args.head_size = d / num_heads;
+  args.scale = scale ? *scale : 1.f / std::sqrt(float(args.head_size));
+  if (mask) {
+    if (mask->ndim() != 4) throw std::invalid_argument("mask must be 4-D [B|1, N|1, S|1, S]");
+    args.mask = mask->data();
+    for (int i = 0; i < 4; ++i) args.mask_dims[i] = mask->shape(i);
+  }
+  validate_attention(args);
+  Array<float> y({q.shape(0), q.shape(1), py::ssize_t(d)});
+  args.y = y.mutable_data();
+  const AttentionPath path = [&] {
+    const auto chosen = attention_path_arg(path_name);
+    return chosen ? *chosen : choose_attention_path();
+  }();
+  {
+    py::gil_scoped_release release;
+    run_attention(args, path, ThreadRunner(threads));
+  }
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -217,8 +280,10 @@ PYBIND11_MODULE(_native, m) {
     d["avx512dq"] = f.avx512dq;
     d["avx512vl"] = f.avx512vl;
     d["avx512_vnni"] = f.avx512_vnni;
+    d["avx512_bf16"] = f.avx512_bf16;
     d["amx_tile"] = f.amx_tile;
     d["amx_int8"] = f.amx_int8;
+    d["amx_bf16"] = f.amx_bf16;
     d["amx_os_permitted"] = f.amx_os_permitted;
     return d;
   }, "Detected CPU features (usable by this process).");
@@ -236,6 +301,33 @@ PYBIND11_MODULE(_native, m) {
     const auto isa = isa_arg(name);
     return isa ? isa_unavailable_reason(*isa) : std::string();
   });
+  m.def("attention_paths", [] {
+    std::vector<std::string> out;
+    for (AttentionPath p : all_attention_paths()) out.push_back(attention_path_name(p));
+    return out;
+  }, "Every attention kernel path, portable first.");
+  m.def("available_attention_paths", [] {
+    std::vector<std::string> out;
+    for (AttentionPath p : available_attention_paths()) out.push_back(attention_path_name(p));
+    return out;
+  }, "Attention kernel paths this machine can run, portable first.");
+  m.def("attention_path_unavailable_reason", [](const std::string& name) {
+    const auto path = attention_path_arg(name);
+    return path ? attention_path_unavailable_reason(*path) : std::string();
+  });
+  m.def("attention_kernel_name", [](const std::optional<std::string>& name) {
+    const auto path = attention_path_arg(name);
+    return std::string(attention_kernel_name(path ? *path : choose_attention_path()));
+  }, py::arg("path") = py::none(),
+     "Kernel name of an attention path (None: the one the op would choose here).");
+  m.attr("ATTENTION_SKIP_THRESHOLD") = kSkipThreshold;
+  m.attr("ATTENTION_MAX_SEQUENCE") = kMaxAttentionSequence;
+  m.def("attention", &attention, py::arg("q"), py::arg("k") = py::none(), py::arg("v") = py::none(),
+        py::arg("mask") = py::none(), py::kw_only(), py::arg("num_heads"),
+        py::arg("scale") = py::none(), py::arg("path") = py::none(), py::arg("threads") = 1,
+        "softmax(q k^T * scale + mask) v per head (com.fastonnx::Attention's kernel); k=v=None "
+        "reads q as packed [B, S, 3D] = [Q | K | V]. path: None (FASTONNX_ISA or best), "
+        "'ref' or 'avx512_bf16'.");
   m.def("best_isa", [] { return std::string(isa_name(best_isa())); });
   m.def("forced_isa", [] {
     const auto isa = forced_isa_from_env();
