@@ -198,11 +198,29 @@ class LinearAmx final : public avx512::Kernel {
     }
   }
 
+  // Copies the rows of a gathered chunk's 16 groups for T row tiles into dst (stride T * 64).
+  template <int T>
+  FASTONNX_AVX512 void gather_chunk(const uint8_t* xt, int64_t ldxt, int64_t row0, size_t ch,
+                                    uint8_t* dst) const {
+    const uint32_t* g = gathered_.data() + gather_ptr_[ch];
+    for (int64_t q = 0; q < kChunkGroups; ++q, dst += T * 64) {
+      if (g[q] == kNone) {  // padding of a short chunk: zero weights meet zero rows
+        std::memset(dst, 0, T * 64);
+        continue;
+      }
+      const uint8_t* src = xt + g[q] * ldxt + row0 * 4;
+      for (int t = 0; t < T; ++t) _mm512_store_si512(dst + t * 64, _mm512_loadu_si512(src + t * 64));
+    }
+  }
+
   template <int T>
   FASTONNX_AVX512 void run_strips(const uint8_t* xt, int64_t ldxt, int64_t m, int64_t tile0,
                                   size_t strip0, size_t strip1, const Epilogue& epi) const {
     constexpr int64_t kGatherStride = T * 64;
-    alignas(64) uint8_t gather[kChunkGroups * kGatherStride];
+    // Two gather buffers: chunk i + 1 is gathered before the products of chunk i are issued, so
+    // its stores have retired by the time its tile loads read them (a tile load right after the
+    // stores that wrote its rows stalls on them).
+    alignas(64) uint8_t gather[2][kChunkGroups * kGatherStride];
     alignas(64) int32_t acc[T][kStrip * kTileRows];  // [t][c][r]
     alignas(64) int32_t rows[kTileRows * kStrip];    // [r][c]
     static const amx::TileConfig config = amx::full_tiles();
@@ -210,27 +228,21 @@ class LinearAmx final : public avx512::Kernel {
     // task configures (tasks hold kTaskChunks or more chunks to amortize it).
     Tiles::configure(config);
     const int64_t row0 = tile0 * kTileRows;
+    const size_t last = chunk_ptr_[strip1];
+    auto gathered = [&](size_t ch) { return ch < last && chunk_first_[ch] == kNone; };
+    if (gathered(chunk_ptr_[strip0])) {
+      gather_chunk<T>(xt, ldxt, row0, chunk_ptr_[strip0], gather[chunk_ptr_[strip0] & 1]);
+    }
     for (size_t s = strip0; s < strip1; ++s) {
       zero_acc<Tiles, T>();
       for (size_t ch = chunk_ptr_[s]; ch < chunk_ptr_[s + 1]; ++ch) {
         Tiles::template load<4>(tiles_.data() + ch * amx::kTileBytes, 64);
+        if (gathered(ch + 1)) gather_chunk<T>(xt, ldxt, row0, ch + 1, gather[(ch + 1) & 1]);
         if (chunk_first_[ch] != kNone) {
           chunk_product<Tiles, T>(xt + chunk_first_[ch] * ldxt + row0 * 4, ldxt);
-          continue;
+        } else {
+          chunk_product<Tiles, T>(gather[ch & 1], kGatherStride);
         }
-        const uint32_t* g = gathered_.data() + gather_ptr_[ch];
-        for (int64_t q = 0; q < kChunkGroups; ++q) {
-          uint8_t* dst = gather + q * kGatherStride;
-          if (g[q] == kNone) {  // padding of a short chunk: zero weights meet zero rows
-            std::memset(dst, 0, kGatherStride);
-            continue;
-          }
-          const uint8_t* src = xt + g[q] * ldxt + row0 * 4;
-          for (int t = 0; t < T; ++t) {
-            _mm512_store_si512(dst + t * 64, _mm512_loadu_si512(src + t * 64));
-          }
-        }
-        chunk_product<Tiles, T>(gather, kGatherStride);
       }
       store_acc<Tiles, T>(&acc[0][0]);
       const int64_t n0 = int64_t(s) * kStrip, count = std::min(kStrip, n() - n0);
