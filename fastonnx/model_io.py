@@ -111,6 +111,12 @@ def check_ort_versions(ir_version: int, opset: int | None, *, what: str = "model
 # Loading
 
 
+def _text(value: str | bytes) -> str | None:
+    """A protobuf string field as str; None when it is not valid UTF-8 (protobuf then hands
+    back bytes: found by fuzzing)."""
+    return value if isinstance(value, str) else None
+
+
 def _external_locations(proto: onnx.ModelProto) -> Iterator[tuple[str, str, int, int]]:
     """(tensor name, location, offset, length) of every external initializer, subgraphs too."""
 
@@ -118,15 +124,25 @@ def _external_locations(proto: onnx.ModelProto) -> Iterator[tuple[str, str, int,
         for tensor in graph.initializer:
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 continue
-            info = {entry.key: entry.value for entry in tensor.external_data}
+            name = _text(tensor.name)
+            if name is None:
+                raise ModelLoadError("a tensor name is not valid UTF-8")
+            info: dict[str, str] = {}
+            for entry in tensor.external_data:
+                key, value = _text(entry.key), _text(entry.value)
+                if key is None or value is None:
+                    raise ModelLoadError(
+                        f"tensor '{name}' has an external data entry that is not valid UTF-8"
+                    )
+                info[key] = value
             try:
                 length = int(info["length"]) if "length" in info else -1
                 offset = int(info.get("offset", 0))
             except ValueError:
                 raise ModelLoadError(
-                    f"tensor '{tensor.name}' has a non-numeric external data offset or length"
+                    f"tensor '{name}' has a non-numeric external data offset or length"
                 ) from None
-            yield tensor.name, info.get("location", ""), offset, length
+            yield name, info.get("location", ""), offset, length
 
 
 def external_data_files(path: str | os.PathLike) -> list[Path]:
@@ -248,7 +264,9 @@ def check_fastonnx_nodes(proto: onnx.ModelProto, *, what: str = "model") -> None
             known = FASTONNX_OP_ATTRIBUTES.get(node.op_type)
             if node.domain != FASTONNX_DOMAIN or known is None:
                 continue
-            unknown = sorted({a.name for a in node.attribute} - known)
+            # (A name that is not UTF-8 comes back as bytes: shown as its repr.)
+            names = {a.name if isinstance(a.name, str) else repr(a.name) for a in node.attribute}
+            unknown = sorted(names - known)
             if unknown:
                 raise ModelLoadError(
                     f"{what}: {node.op_type} node '{node.name}' has unknown attribute(s) "
@@ -318,8 +336,13 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         # one (rank unknown), so such a model is refused only when ORT refuses it too.
         if not (_missing_shape_only(exc) and _ort_loads(path)):
             raise ModelLoadError(f"{path}: invalid ONNX model: {_first_line(exc)}") from exc
+    except UnicodeDecodeError as exc:  # the checker's message quotes a non-UTF-8 name (fuzzing)
+        raise ModelLoadError(f"{path}: invalid ONNX model: a name or string is not UTF-8") from exc
 
-    model = ir.serde.deserialize_model(proto)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:  # noqa: BLE001 - whatever the checker let through (found by fuzzing)
+        raise ModelLoadError(f"{path}: invalid ONNX model: {_first_line(exc)}") from exc
     ir.external_data.set_base_dir(model.graph, path.parent)
     if weights_nbytes(model) <= EXTERNAL_DATA_THRESHOLD:
         # Tools that serialize the model (ORT's shape inference, sessions from bytes) cannot

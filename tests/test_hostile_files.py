@@ -394,3 +394,46 @@ def test_api_errors_are_input_errors(layout):
     with_location(model, "../secret.data")
     with pytest.raises(InputError):
         optimize(str(model))
+
+
+# --------------------------------------------------------------------------------------------
+# Fuzzer findings (fuzz/fuzz_loaders.py), each kept as a regression test. Protobuf hands a
+# string field that is not valid UTF-8 back as bytes; each of these ended in a traceback.
+
+_FUZZ_MODELS = {
+    # external data location b"w.\0\0\0\x86": TypeError in the location check
+    "location-not-utf8": (
+        "CAo6ewoOCgF4CgFiEgF5IgNBZGQSA2FkZCo4CAgQAUIBYmoSCghsb2NhdGlvbhIGdy4AAACGagsKBm9mZnNldBIB"
+        "MGoMCgZuZWxnaHQSAjM3cAHaFAoBeBIPCg0IARIJCgMSAUIKAggIYhQKAXkSDwoNCAESCQoDEgFCCgIICEIECgAQEQ==",
+        "external data entry that is not valid UTF-8",
+    ),
+    # node domain b"co?.fast\xcennx": UnicodeDecodeError from onnx's checker quoting it
+    "domain-not-utf8": (
+        "CAo68QEKPAoBeAoBdxIBeSIMU3BhcnNlTGluZWFyKhUKCmFjdGl2YXRpb24iBGdlbHWgAQM6DGNvPy5mYXN0zm5ueBIG"
+        "c3BhcnNlKn0IdBACQgF3SnRGWFNXAgAwAAQAAAAIAAAAAQAAAAQAAAAEAAAAAAAAAG8unjcAAAAARAAAAAAAAAAAAIA/"
+        "AACAPwAAgD8AAIA/AAAAAAEAAAACAAAAAwAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAQAAAAABAAAAAAEAAAAAAVoUCgF4"
+        "Eg8KDQgBEgkKAxIBTQoCCAhiFAoBeRIPCg0IARIJCgMSAU0KAggEQgQKABARQhAKDGNvbS5mYXN0b25ueBAB",
+        "not UTF-8",
+    ),
+    # SparseLinear attribute name b"act\xf8vation": TypeError in the attribute check
+    "attribute-not-utf8": (
+        "CAo68QEKPAoBeAoBdxIBeSIMU3BhcnNlTGluZWFyKhUKCmFjdPh2YXRpb24iBGdlbHWgAQM6DGNvbS5mYXN0b25ueBIG"
+        "c3BhcnNlKn0IdBACQgF3SnRGWFNXAgAwAAQAAAAIAAAAAQAAAAQAAAAEAAAAAAAAAG8unjcAAAAARAAAAAAAAAAAAIA/"
+        "AACAPwAAgD8AAIA/AAAAAAEAAAACAAAAAwAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAQAAAAABAAAAAAEAAAAAAVoUCgF4"
+        "Eg8KDQgBEgkKAxIBTQoCCAhiFAoBeRIPCg0IARIJCgMSAU0KAggEQgQKABARQhAKDGNvbS5mYXN0b250RhAB",
+        "unknown attribute",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(_FUZZ_MODELS))
+def test_fuzz_models_are_clear_errors(tmp_path, capsys, case):
+    import base64
+
+    data, message = _FUZZ_MODELS[case]
+    src = tmp_path / "m.onnx"
+    src.write_bytes(base64.b64decode(data))
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(src)
+    assert optimize_cli(src, "-o", tmp_path / "o.onnx") == 2
+    assert message in one_error_line(capsys)

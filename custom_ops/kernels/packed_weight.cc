@@ -237,9 +237,14 @@ PackedWeightView parse_packed_weight(const uint8_t* data, size_t size) {
   }
   const uint32_t brows = v.block_row_count(), bcols = v.block_col_count();
   if (v.row_ptr[0] != 0 || v.row_ptr[brows] != v.nnz_blocks) fail("row pointers out of range");
+  // All row pointers first: a pointer past the block count in a middle row (with a later one
+  // coming back down) would otherwise index col_idx out of bounds (found by fuzzing).
   for (uint32_t r = 0; r < brows; ++r) {
-    if (v.row_ptr[r + 1] < v.row_ptr[r]) fail("row pointers decrease at block row " +
-                                              std::to_string(r));
+    if (v.row_ptr[r + 1] < v.row_ptr[r]) {
+      fail("row pointers decrease at block row " + std::to_string(r));
+    }
+  }
+  for (uint32_t r = 0; r < brows; ++r) {
     for (uint32_t b = v.row_ptr[r]; b < v.row_ptr[r + 1]; ++b) {
       if (v.col_idx[b] >= bcols) fail("block column index out of range");
       if (b > v.row_ptr[r] && v.col_idx[b] <= v.col_idx[b - 1]) {
