@@ -29,6 +29,13 @@ fi
 python -c "import atheris" 2>/dev/null ||
   python -m pip install --quiet --disable-pip-version-check "atheris==3.0.0"
 
+# The Python target fuzzes whatever `import fastonnx` finds: say which, and refuse another
+# checkout's (an activated environment of this one is needed).
+where=$(python -c "import fastonnx, os; print(os.path.dirname(os.path.realpath(fastonnx.__file__)))")
+if [ "$where" != "$(pwd -P)/fastonnx" ]; then
+  echo "fuzz.sh: python imports fastonnx from $where, not this checkout; activate its environment" >&2
+  exit 2
+fi
 python fuzz/make_corpus.py "$out/corpus"
 
 # Rebuild the C++ target when a source is newer than it.

@@ -423,6 +423,13 @@ _FUZZ_MODELS = {
         "Eg8KDQgBEgkKAxIBTQoCCAhiFAoBeRIPCg0IARIJCgMSAU0KAggEQgQKABARQhAKDGNvbS5mYXN0b250RhAB",
         "unknown attribute",
     ),
+    # output dimension name b"\x91": onnx's checker passes it, onnx_ir's reader raised
+    # SerdeError (a traceback)
+    "dim-name-not-utf8": (
+        "CAo6bAoOCgF4CgFiEgF5IgNBZGQSA2FkZCopCAgQAUIBYkogAACAPwAAgD8AAIA/AACAPwAAgD8AAIA/AACAPwAA"
+        "gD9aFAoBeBIPCg0IARIJCgMSAUIKAggIYhQKAXkSDwoNCAESCQoDEgGRCgIICEIECgAQEQ==",
+        "invalid ONNX model",
+    ),
 }
 
 

@@ -148,10 +148,14 @@ std::vector<uint8_t> pack_weight(const int8_t* w, uint32_t n, uint32_t k, const 
   const PayloadLayout l = payload_layout(n, block, nnz);
   std::vector<uint8_t> blob(sizeof(BlobHeader) + l.total, 0);
   uint8_t* payload = blob.data() + sizeof(BlobHeader);
-  std::memcpy(payload + l.scale_off, scale, size_t{n} * sizeof(float));
-  std::memcpy(payload + l.row_ptr_off, row_ptr.data(), row_ptr.size() * sizeof(uint32_t));
-  std::memcpy(payload + l.col_idx_off, col_idx.data(), col_idx.size() * sizeof(uint32_t));
-  std::memcpy(payload + l.values_off, values.data(), values.size());
+  // memcpy from an empty vector's null data() is undefined even for 0 bytes (UBSan).
+  auto copy = [](uint8_t* dst, const void* src, size_t bytes) {
+    if (bytes) std::memcpy(dst, src, bytes);
+  };
+  copy(payload + l.scale_off, scale, size_t{n} * sizeof(float));
+  copy(payload + l.row_ptr_off, row_ptr.data(), row_ptr.size() * sizeof(uint32_t));
+  copy(payload + l.col_idx_off, col_idx.data(), col_idx.size() * sizeof(uint32_t));
+  copy(payload + l.values_off, values.data(), values.size());
 
   BlobHeader h{};
   std::memcpy(h.magic, kBlobMagic, 4);
