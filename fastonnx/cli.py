@@ -8,6 +8,7 @@ import importlib
 import signal
 import sys
 import threading
+import traceback
 
 # Sub-command name -> module (each exposes ``add_parser(subparsers)``, which sets ``func``).
 _COMMANDS = {
@@ -35,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
             continue  # a sub-command not built yet
         module.add_parser(subparsers)
     return parser
+
+
+# Exit statuses shared by every sub-command: 0 done, 2 bad input or options (one line on
+# stderr), 3 an internal error (a traceback); 1 and others are each command's own.
+EXIT_INTERNAL_ERROR = 3
 
 
 class Terminated(BaseException):
@@ -74,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except Exception:  # noqa: BLE001 - a bug, not bad input: keep exit 1 and 2 meaningful
+        traceback.print_exc()
+        print(
+            f"fastonnx {args.command}: internal error (a bug in fastonnx; please report it "
+            "with the traceback above)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -444,3 +444,18 @@ def test_fuzz_models_are_clear_errors(tmp_path, capsys, case):
         load_model(src)
     assert optimize_cli(src, "-o", tmp_path / "o.onnx") == 2
     assert message in one_error_line(capsys)
+
+
+def test_internal_errors_exit_3_not_1(tmp_path, monkeypatch, capsys):
+    # Exit 1 means only "verify beyond tolerance": a bug must not look like it.
+    import fastonnx.optimizer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(fastonnx.optimizer, "optimize", broken)
+    src = tmp_path / "in.onnx"
+    onnx.save(add_model(), src)
+    assert optimize_cli(src, "-o", tmp_path / "o.onnx", "--preset", "fuse") == 3
+    err = capsys.readouterr().err
+    assert "RuntimeError: boom" in err and "internal error" in err.strip().splitlines()[-1]
