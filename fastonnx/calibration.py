@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,16 @@ def _check_and_cast(sample: Sample, specs: Sequence[InputSpec], where: str) -> S
     out = {}
     for spec in specs:
         array = np.asarray(sample[spec.name])
+        if array.size == 0:
+            axis = array.shape.index(0) if array.ndim else 0
+            raise CalibrationError(
+                f"{where}: input '{spec.name}' has shape {list(array.shape)}, empty along axis "
+                f"{axis}; calibration and verification need non-empty inputs"
+            )
+        if array.dtype.kind not in "biuf":
+            raise CalibrationError(
+                f"{where}: input '{spec.name}' is {array.dtype}; numeric arrays are needed"
+            )
         if spec.shape is not None:
             if array.ndim != len(spec.shape):
                 raise CalibrationError(
@@ -106,11 +117,29 @@ def _batch_size(spec: InputSpec, default: int) -> int:
 
 def read_npz(path: Path, error: type[Exception]) -> dict[str, np.ndarray]:
     """All arrays of an ``.npz`` file; a missing or unreadable file raises ``error``."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{path}: no such file")
+    if not path.is_file():
+        raise error(f"{path}: not a file")
+    # np.load takes any format it knows (.npy, pickles) whatever the name says; check first, so
+    # a wrong file gets a message about what it is rather than numpy's.
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
+        raise error(
+            f"{path}: a .npy file (one array), not an .npz archive of named arrays; "
+            "write one with numpy.savez(path, input_ids=..., attention_mask=...)"
+        )
+    if not zipfile.is_zipfile(path):
+        raise error(f"{path}: not an .npz file (an .npz is a zip archive written by numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
-    except FileNotFoundError as exc:
-        raise error(f"{path}: no such file") from exc
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise error(f"{path}: holds an object array; only numeric arrays are read") from exc
+        raise error(f"{path}: not a readable .npz file ({exc})") from exc
     except Exception as exc:  # noqa: BLE001 - zipfile / numpy raise several types
         raise error(f"{path}: not a readable .npz file ({exc})") from exc
 

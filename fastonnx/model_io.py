@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -28,12 +29,19 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 _TINY_TENSOR_BYTES = 1024  # tensors at most this size stay inline when external data is used
 
 
+_DRIVE = re.compile(r"[A-Za-z]:")  # a Windows drive letter: absolute there
+
+
 class InputError(ValueError):
     """A problem with what the user gave us (a file, an option), reported without a traceback."""
 
 
 class ModelLoadError(InputError):
     """The model file cannot be used: missing, not ONNX, truncated, or unsupported by ORT."""
+
+
+class ModelRunError(InputError):
+    """ONNX Runtime refused to load or run a model (an unknown custom op, a bad input...)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,43 +111,112 @@ def check_ort_versions(ir_version: int, opset: int | None, *, what: str = "model
 # Loading
 
 
+def _text(value: str | bytes) -> str | None:
+    """A protobuf string field as str; None when it is not valid UTF-8 (protobuf then hands
+    back bytes: found by fuzzing)."""
+    return value if isinstance(value, str) else None
+
+
 def _external_locations(proto: onnx.ModelProto) -> Iterator[tuple[str, str, int, int]]:
     """(tensor name, location, offset, length) of every external initializer, subgraphs too."""
 
-    def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-        yield graph
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    yield from graphs(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        yield from graphs(sub)
-
-    for graph in graphs(proto.graph):
+    for graph in _graphs(proto.graph):
         for tensor in graph.initializer:
             if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 continue
-            info = {entry.key: entry.value for entry in tensor.external_data}
-            length = int(info["length"]) if "length" in info else -1
-            yield tensor.name, info.get("location", ""), int(info.get("offset", 0)), length
+            name = _text(tensor.name)
+            if name is None:
+                raise ModelLoadError("a tensor name is not valid UTF-8")
+            info: dict[str, str] = {}
+            for entry in tensor.external_data:
+                key, value = _text(entry.key), _text(entry.value)
+                if key is None or value is None:
+                    raise ModelLoadError(
+                        f"tensor '{name}' has an external data entry that is not valid UTF-8"
+                    )
+                info[key] = value
+            try:
+                length = int(info["length"]) if "length" in info else -1
+                offset = int(info.get("offset", 0))
+            except ValueError:
+                raise ModelLoadError(
+                    f"tensor '{name}' has a non-numeric external data offset or length"
+                ) from None
+            yield name, info.get("location", ""), offset, length
 
 
 def external_data_files(path: str | os.PathLike) -> list[Path]:
-    """The external data files an ONNX file refers to (resolved; they may not exist)."""
+    """The external data files an ONNX file refers to (resolved; they may not exist).
+
+    Call it on a model :func:`load_model` accepted: it does not check the locations itself.
+    """
     path = Path(path)
     proto = onnx.load(path, load_external_data=False)
     found = {(path.parent / loc).resolve() for _, loc, _, _ in _external_locations(proto)}
     return sorted(found)
 
 
-def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    sizes: dict[Path, int] = {}
-    for name, location, offset, length in _external_locations(proto):
-        if not location or os.path.isabs(location):
+def _location_problem(location: str) -> str | None:
+    """Why an external data location is refused on its text alone (no file is looked at)."""
+    if not location:
+        return "is empty"
+    if "\0" in location:
+        return "contains a NUL byte"
+    # Both separators: a model written on Windows must not escape either.
+    parts = location.replace("\\", "/").split("/")
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or _DRIVE.match(location):
+        return "is an absolute path"
+    if ".." in parts:
+        return "contains '..'"
+    return None
+
+
+def check_external_locations(
+    locations: Iterable[tuple[str, str]], folder: Path | None, *, what: str = "model"
+) -> None:
+    """Refuse external data that is not a file inside ``folder`` (the model's own folder).
+
+    ``locations``: (tensor name, location) pairs. No absolute paths, no ``..``, and no symbolic
+    link on the way that leads out of the folder. Every location is checked before any data file
+    is opened or stat-ed, and the messages are the same whether or not an outside file exists.
+    ``folder`` None (a model given in memory): any external data is refused, since there is no
+    folder to resolve it against (the working directory would be a guess).
+    """
+    locations = list(locations)
+    for name, location in locations:
+        problem = _location_problem(location)
+        if problem:
             raise ModelLoadError(
-                f"{path}: tensor '{name}' has an invalid external data location {location!r}"
+                f"{what}: tensor '{name}' has an external data location {location!r} that "
+                f"{problem}; external data must be a file inside the model's folder"
             )
+    if not locations:
+        return
+    if folder is None:
+        name, location = locations[0]
+        raise ModelLoadError(
+            f"{what}: tensor '{name}' is stored in external data file {location!r}, but the model "
+            "was given in memory, with no folder to find it in; pass the model's path instead "
+            "(or load it with onnx.load(path), which reads the data)"
+        )
+    root = folder.resolve()
+    for name, location in locations:
+        # resolve() follows links (without needing the target to exist): a link inside the
+        # folder that points out of it is caught here, before anything is read through it.
+        target = (folder / location).resolve()
+        if target == root or not target.is_relative_to(root):
+            raise ModelLoadError(
+                f"{what}: tensor '{name}' has an external data location {location!r} that "
+                "leads out of the model's folder (through a symbolic link); external data must "
+                "be a file inside the model's folder"
+            )
+
+
+def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    entries = list(_external_locations(proto))
+    check_external_locations(((n, loc) for n, loc, _, _ in entries), path.parent, what=str(path))
+    sizes: dict[Path, int] = {}
+    for name, location, offset, length in entries:
         data_path = path.parent / location
         if data_path not in sizes:
             if not data_path.is_file():
@@ -148,11 +225,75 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
                     f"needed by tensor '{name}'; keep the .onnx and its data file together"
                 )
             sizes[data_path] = data_path.stat().st_size
-        if length >= 0 and offset + length > sizes[data_path]:
+        if offset < 0 or length < -1 or (length >= 0 and offset + length > sizes[data_path]):
             raise ModelLoadError(
                 f"{path}: external data file '{location}' is truncated: tensor '{name}' needs "
                 f"bytes {offset}..{offset + length} but the file has {sizes[data_path]}"
             )
+
+
+# com.fastonnx: the opset versions that exist and each op's attributes. ORT's C API lets a kernel
+# read attributes only by name, so unknown ones (a typo such as "activaton") and a later opset
+# can only be caught here (docs/operators.md).
+FASTONNX_DOMAIN = "com.fastonnx"
+FASTONNX_OPSETS = (1,)
+FASTONNX_OP_ATTRIBUTES = {"SparseLinear": {"activation"}, "SparseLinearU8": {"activation"}}
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _graphs(sub)
+
+
+def check_fastonnx_nodes(proto: onnx.ModelProto, *, what: str = "model") -> None:
+    """Refuse a com.fastonnx opset that does not exist and unknown attributes on its ops."""
+    for entry in proto.opset_import:
+        if entry.domain == FASTONNX_DOMAIN and entry.version not in FASTONNX_OPSETS:
+            raise ModelLoadError(
+                f"{what} imports {FASTONNX_DOMAIN} opset {entry.version}; this fastonnx has "
+                f"opset {', '.join(map(str, FASTONNX_OPSETS))} only"
+            )
+    for graph in _graphs(proto.graph):
+        for node in graph.node:
+            known = FASTONNX_OP_ATTRIBUTES.get(node.op_type)
+            if node.domain != FASTONNX_DOMAIN or known is None:
+                continue
+            # (A name that is not UTF-8 comes back as bytes: shown as its repr.)
+            names = {a.name if isinstance(a.name, str) else repr(a.name) for a in node.attribute}
+            unknown = sorted(names - known)
+            if unknown:
+                raise ModelLoadError(
+                    f"{what}: {node.op_type} node '{node.name}' has unknown attribute(s) "
+                    f"{', '.join(unknown)} (it takes: {', '.join(sorted(known))})"
+                )
+
+
+def _missing_shape_only(exc: Exception) -> bool:
+    return "Field 'shape' of 'type' is required but missing" in str(exc)
+
+
+def _ort_loads(path: Path) -> bool:
+    """Whether ONNX Runtime creates a session on the model file (fastonnx's ops registered)."""
+    import onnxruntime as ort
+
+    try:
+        from fastonnx.runtime import session_options
+
+        so = session_options()
+    except Exception:  # noqa: BLE001 - without the library, plain ORT decides
+        so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - any refusal means "ORT does not run it"
+        return False
+    return True
 
 
 def _default_opset(proto: onnx.ModelProto) -> int | None:
@@ -185,14 +326,23 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     _check_external_data(proto, path)
     # Before the checker, whose own version complaint does not say what ORT accepts.
     check_ort_versions(proto.ir_version, _default_opset(proto), what=str(path))
+    check_fastonnx_nodes(proto, what=str(path))
     try:
         # The path form resolves external data beside the model (the proto form would resolve it
         # against the working directory).
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
-        raise ModelLoadError(f"{path}: invalid ONNX model: {_first_line(exc)}") from exc
+        # The checker wants a `shape` on every graph input and output; ORT runs models without
+        # one (rank unknown), so such a model is refused only when ORT refuses it too.
+        if not (_missing_shape_only(exc) and _ort_loads(path)):
+            raise ModelLoadError(f"{path}: invalid ONNX model: {_first_line(exc)}") from exc
+    except UnicodeDecodeError as exc:  # the checker's message quotes a non-UTF-8 name (fuzzing)
+        raise ModelLoadError(f"{path}: invalid ONNX model: a name or string is not UTF-8") from exc
 
-    model = ir.serde.deserialize_model(proto)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:  # noqa: BLE001 - whatever the checker let through (found by fuzzing)
+        raise ModelLoadError(f"{path}: invalid ONNX model: {_first_line(exc)}") from exc
     ir.external_data.set_base_dir(model.graph, path.parent)
     if weights_nbytes(model) <= EXTERNAL_DATA_THRESHOLD:
         # Tools that serialize the model (ORT's shape inference, sessions from bytes) cannot
@@ -204,12 +354,31 @@ def load_model(path: str | os.PathLike) -> ir.Model:
 def as_model(model: ir.Model | onnx.ModelProto | str | os.PathLike) -> ir.Model:
     """An ``onnx_ir`` model from a path, an ``onnx.ModelProto``, or an ``ir.Model`` (as is)."""
     if isinstance(model, ir.Model):
+        _check_model_external_tensors(model)
         return model
     if isinstance(model, onnx.ModelProto):
+        # No folder: any external data reference is refused (before onnx_ir would resolve it
+        # against the working directory).
+        entries = ((n, loc) for n, loc, _, _ in _external_locations(model))
+        check_external_locations(entries, None, what="the model")
+        check_fastonnx_nodes(model, what="the model")
         return ir.serde.deserialize_model(model)
     if isinstance(model, str | os.PathLike):
         return load_model(model)
     raise TypeError(f"expected a path, onnx.ModelProto or onnx_ir.Model, got {type(model)!r}")
+
+
+def _check_model_external_tensors(model: ir.Model) -> None:
+    """The external-data rule of :func:`check_external_locations` for an ``onnx_ir`` model."""
+    by_folder: dict[str, list[tuple[str, str]]] = {}
+    for value in _all_initializers(model):
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            by_folder.setdefault(str(tensor.base_dir), []).append(
+                (value.name or "?", str(tensor.location))
+            )
+    for base_dir, entries in by_folder.items():
+        check_external_locations(entries, Path(base_dir) if base_dir else None, what="the model")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -313,9 +482,11 @@ def ort_session(
     sess_options=None,
     *,
     optimized_model_path: str | os.PathLike | None = None,
+    what: str = "the model",
 ):
     """An ORT CPU ``InferenceSession`` on an ``onnx_ir`` model, as a context manager.
 
+    ORT refusing the model raises :class:`ModelRunError` naming ``what`` and ORT's reason.
     Small in-memory models are passed as bytes; models with memory-mapped external tensors or
     more than 2 GiB of weights go through a temporary folder (removed on exit).
     ``optimized_model_path`` asks ORT to write the graph it will run (weights to a side file).
@@ -324,6 +495,8 @@ def ort_session(
 
     if sess_options is None:
         sess_options = ort.SessionOptions()
+    # Failures come back as ModelRunError with ORT's reason; its own log line would repeat it.
+    sess_options.log_severity_level = 4
     if optimized_model_path is not None:
         sess_options.optimized_model_filepath = str(optimized_model_path)
         # Keep the written graph small: weights go to a side file.
@@ -335,11 +508,17 @@ def ort_session(
             "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
         )
     providers = ["CPUExecutionProvider"]
+
+    def open_session(source):
+        try:
+            return ort.InferenceSession(source, sess_options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            raise ModelRunError(f"ONNX Runtime cannot load {what}: {_first_line(exc)}") from exc
+
     if not has_external_tensors(model) and weights_nbytes(model) <= EXTERNAL_DATA_THRESHOLD:
-        data = ir.serde.serialize_model(model).SerializeToString()
-        yield ort.InferenceSession(data, sess_options, providers=providers)
+        yield open_session(ir.serde.serialize_model(model).SerializeToString())
         return
     with tempfile.TemporaryDirectory(prefix="fastonnx-") as tmp:
         tmp_path = Path(tmp) / "model.onnx"
         ir.save(model, tmp_path, external_data="model.onnx.data", size_threshold_bytes=1024)
-        yield ort.InferenceSession(str(tmp_path), sess_options, providers=providers)
+        yield open_session(str(tmp_path))

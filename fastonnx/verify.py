@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from fastonnx.model_io import InputError, domains_used, ort_session
+from fastonnx.model_io import InputError, ModelRunError, domains_used, ort_session
 from fastonnx.runtime import OP_DOMAIN
 
 
@@ -122,8 +122,12 @@ def compare_models(
     max_diff: dict[str, float] = collections.defaultdict(float)
     max_ref: dict[str, float] = collections.defaultdict(float)
     with (
-        ort_session(reference, session_options_for(reference)) as ref_session,
-        ort_session(candidate, session_options_for(candidate)) as cand_session,
+        ort_session(
+            reference, session_options_for(reference), what="the reference model"
+        ) as ref_session,
+        ort_session(
+            candidate, session_options_for(candidate), what="the optimized model"
+        ) as cand_session,
     ):
         names = [o.name for o in cand_session.get_outputs()]
         ref_names = {o.name for o in ref_session.get_outputs()}
@@ -131,8 +135,8 @@ def compare_models(
         if missing:
             raise InputError(f"the reference model has no output(s) named {missing}")
         for sample in samples:
-            ref_out = ref_session.run(names, dict(sample))
-            cand_out = cand_session.run(names, dict(sample))
+            ref_out = _run(ref_session, names, sample, "the reference model")
+            cand_out = _run(cand_session, names, sample, "the optimized model")
             for name, a, b in zip(names, ref_out, cand_out, strict=True):
                 a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
                 if a64.shape != b64.shape:
@@ -154,6 +158,14 @@ def compare_models(
         for n in names
     ]
     return VerifyResult(outputs, tolerance, len(samples))
+
+
+def _run(session, names: list[str], sample: Mapping[str, np.ndarray], what: str) -> list:
+    try:
+        return session.run(names, dict(sample))
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelRunError(f"ONNX Runtime failed running {what} on a sample: {reason}") from exc
 
 
 def verify_files(

@@ -293,3 +293,15 @@ def test_pack_weight_takes_non_contiguous_int8_unchanged():
     view = w.T  # Fortran-ordered view of a [16, 8] weight
     w2, _, _ = _native.unpack_weight(_native.pack_weight(view, np.ones(16, np.float32), (1, 4)))
     np.testing.assert_array_equal(w2, view)
+
+
+# --------------------------------------------------------------------------------------------
+# Fuzzer findings (fuzz/fuzz_packed_weight.cc), each kept as a regression test
+
+
+def test_fuzz_row_pointer_past_the_block_count_in_a_middle_row():
+    # row_ptr = [0, 5, 0] with no stored block: the first row's pointer passes the block count
+    # and the last comes back down. Row 0 was walked before row 1 was checked, reading col_idx
+    # out of bounds (ASan: heap-buffer-overflow in parse_packed_weight).
+    payload = struct.pack("<ff", 1.0, 1.0) + struct.pack("<III", 0, 5, 0)
+    rejects(make_blob(2, 8, payload=payload), "row pointers decrease at block row 1")

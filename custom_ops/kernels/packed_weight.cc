@@ -148,10 +148,14 @@ std::vector<uint8_t> pack_weight(const int8_t* w, uint32_t n, uint32_t k, const 
   const PayloadLayout l = payload_layout(n, block, nnz);
   std::vector<uint8_t> blob(sizeof(BlobHeader) + l.total, 0);
   uint8_t* payload = blob.data() + sizeof(BlobHeader);
-  std::memcpy(payload + l.scale_off, scale, size_t{n} * sizeof(float));
-  std::memcpy(payload + l.row_ptr_off, row_ptr.data(), row_ptr.size() * sizeof(uint32_t));
-  std::memcpy(payload + l.col_idx_off, col_idx.data(), col_idx.size() * sizeof(uint32_t));
-  std::memcpy(payload + l.values_off, values.data(), values.size());
+  // memcpy from an empty vector's null data() is undefined even for 0 bytes (UBSan).
+  auto copy = [](uint8_t* dst, const void* src, size_t bytes) {
+    if (bytes) std::memcpy(dst, src, bytes);
+  };
+  copy(payload + l.scale_off, scale, size_t{n} * sizeof(float));
+  copy(payload + l.row_ptr_off, row_ptr.data(), row_ptr.size() * sizeof(uint32_t));
+  copy(payload + l.col_idx_off, col_idx.data(), col_idx.size() * sizeof(uint32_t));
+  copy(payload + l.values_off, values.data(), values.size());
 
   BlobHeader h{};
   std::memcpy(h.magic, kBlobMagic, 4);
@@ -237,9 +241,14 @@ PackedWeightView parse_packed_weight(const uint8_t* data, size_t size) {
   }
   const uint32_t brows = v.block_row_count(), bcols = v.block_col_count();
   if (v.row_ptr[0] != 0 || v.row_ptr[brows] != v.nnz_blocks) fail("row pointers out of range");
+  // All row pointers first: a pointer past the block count in a middle row (with a later one
+  // coming back down) would otherwise index col_idx out of bounds (found by fuzzing).
   for (uint32_t r = 0; r < brows; ++r) {
-    if (v.row_ptr[r + 1] < v.row_ptr[r]) fail("row pointers decrease at block row " +
-                                              std::to_string(r));
+    if (v.row_ptr[r + 1] < v.row_ptr[r]) {
+      fail("row pointers decrease at block row " + std::to_string(r));
+    }
+  }
+  for (uint32_t r = 0; r < brows; ++r) {
     for (uint32_t b = v.row_ptr[r]; b < v.row_ptr[r + 1]; ++b) {
       if (v.col_idx[b] >= bcols) fail("block column index out of range");
       if (b > v.row_ptr[r] && v.col_idx[b] <= v.col_idx[b - 1]) {

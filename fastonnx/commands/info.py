@@ -51,8 +51,11 @@ def collect() -> dict:
         "kernel_paths": isas,
         "FASTONNX_ISA": os.environ.get("FASTONNX_ISA") or None,
         "FASTONNX_ISA_error": forced_error,
-        "best_path": forced or _native.best_isa(),
-        "preferred_block_shape": list(_native.preferred_block_shape(forced)),
+        # With an invalid FASTONNX_ISA no path is used: sessions fail (see FASTONNX_ISA_error).
+        "best_path": None if forced_error else forced or _native.best_isa(),
+        "preferred_block_shape": None
+        if forced_error
+        else list(_native.preferred_block_shape(forced)),
         "supported_block_shapes": [list(b) for b in _native.supported_block_shapes()],
         "kernel_manifest": _native.kernels(),
         "ops": {
@@ -72,12 +75,15 @@ def format_report(info: dict) -> str:
         "kernel paths  " + ", ".join(f"{isa} ({why})" for isa, why in info["kernel_paths"].items()),
         f"FASTONNX_ISA  {info['FASTONNX_ISA'] or '(unset: automatic)'}",
     ]
+    accepted = ", ".join("x".join(map(str, b)) for b in info["supported_block_shapes"])
     if info["FASTONNX_ISA_error"]:
         lines.append(f"  error: {info['FASTONNX_ISA_error']}")
-    lines.append(f"path used     {info['best_path']}")
-    block = "x".join(map(str, info["preferred_block_shape"]))
-    accepted = ", ".join("x".join(map(str, b)) for b in info["supported_block_shapes"])
-    lines.append(f"block shape   {block} preferred (accepted: {accepted})")
+        lines.append("path used     none: every session with fastonnx ops fails until it is fixed")
+        lines.append(f"block shape   accepted: {accepted}")
+    else:
+        lines.append(f"path used     {info['best_path']}")
+        block = "x".join(map(str, info["preferred_block_shape"]))
+        lines.append(f"block shape   {block} preferred (accepted: {accepted})")
     lines.append("kernels       (FASTONNX_KERNEL=<name> forces one)")
     for k in info["kernel_manifest"]:
         block = "x".join(map(str, k["block_shape"]))
@@ -92,4 +98,5 @@ def format_report(info: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     info = collect()
     print(json.dumps(info, indent=2) if args.json else format_report(info))
-    return 1 if info["FASTONNX_ISA_error"] else 0
+    # 2: bad input (the environment variable), as every fastonnx command.
+    return 2 if info["FASTONNX_ISA_error"] else 0

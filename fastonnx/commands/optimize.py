@@ -19,7 +19,8 @@ calibration (int8 presets), best first:
                                        one sentence per line, a local tokenizer folder
   (neither)                            random valid token inputs (a warning is printed)
 
-exit status: 0 done, 1 --verify found outputs beyond tolerance, 2 bad input or options.
+exit status: 0 done, 1 --verify found outputs beyond tolerance, 2 bad input or options,
+             3 internal error (a bug in fastonnx: a traceback is printed).
 
 example:
   fastonnx optimize model.onnx -o model.fast.onnx --preset int8 --verify
