@@ -13,6 +13,7 @@ states of the same shapes (the usual case here: the student is a pruned copy of 
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -89,7 +90,8 @@ def distillation_loss(
 ) -> LossParts:
     """The combined loss from model outputs (objects with ``logits``, and ``hidden_states``
     when ``alpha_hidden`` > 0). ``teacher_out`` may be None only when ``alpha_kd`` and
-    ``alpha_hidden`` are 0; ``labels`` may be None only when ``alpha_task`` is 0."""
+    ``alpha_hidden`` are 0; ``labels`` may be None only when ``alpha_task`` is 0. Rows whose
+    label is negative (-100) are unlabeled: no task loss, only the teacher's terms."""
     torch = require_torch()
     functional = torch.nn.functional
     logits = student_out.logits
@@ -98,9 +100,12 @@ def distillation_loss(
     if config.alpha_task > 0:
         if labels is None:
             raise ValueError("alpha_task > 0 needs labels")
-        task = functional.cross_entropy(logits, labels)
-        total = total + config.alpha_task * task
-        parts.task = float(task.detach())
+        # Labels < 0 (-100 by convention) mark unlabeled rows: they learn from the teacher only.
+        labeled = labels >= 0
+        if bool(labeled.any()):
+            task = functional.cross_entropy(logits[labeled], labels[labeled])
+            total = total + config.alpha_task * task
+            parts.task = float(task.detach())
     if config.needs_teacher and teacher_out is None:
         raise ValueError("alpha_kd or alpha_hidden > 0 needs the teacher's outputs")
     if config.alpha_kd > 0:
@@ -160,6 +165,8 @@ def train(
     max_grad_norm: float | None = 1.0,
     log_every: int = 10,
     log: Callable[[str], None] | None = None,
+    start_step: int = 0,
+    on_step: Callable[[int, LossParts], None] | None = None,
 ) -> TrainResult:
     """Train ``student`` for ``steps`` optimizer steps; return the per-step losses.
 
@@ -168,10 +175,17 @@ def train(
     fine-tuning (``config`` defaults to the task loss alone). ``pruner``: followed each step
     (:meth:`BlockPruner.update`) and attached to ``optimizer`` for the run, so pruned blocks
     stay zero. Progress goes to ``log`` (default: stderr) every ``log_every`` steps.
+
+    Resuming: ``start_step`` skips the steps already done (their batches included, so a
+    resumed run sees what an uninterrupted one would), given the model, optimizer, scheduler,
+    pruner and RNG states saved after that step. ``on_step(done, parts)`` runs after each
+    optimizer step (checkpoints, progress bars).
     """
     torch = require_torch()
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step must be in [0, {steps}], got {start_step}")
     if config is None:
         # Without a teacher: plain fine-tuning on the labels.
         plain = DistillConfig(alpha_task=1.0, alpha_kd=0.0)
@@ -187,8 +201,9 @@ def train(
         pruner.attach(optimizer)
     result = TrainResult(steps=steps, seconds=0.0)
     start = time.perf_counter()
+    stream = itertools.islice(_forever(batches), start_step, None)
     try:
-        for step, batch in zip(range(steps), _forever(batches), strict=False):
+        for step, batch in zip(range(start_step, steps), stream, strict=False):
             if pruner is not None:
                 pruner.update(step)
             inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -207,7 +222,10 @@ def train(
                 lr_scheduler.step()
             result.losses.append(float(parts.total.detach()))
             if (step + 1) % log_every == 0 or step + 1 == steps:
-                log(_progress(step + 1, steps, parts, config, pruner, time.perf_counter() - start))
+                elapsed = time.perf_counter() - start
+                log(_progress(step + 1, steps, parts, config, pruner, elapsed, start_step))
+            if on_step is not None:
+                on_step(step + 1, parts)
     finally:
         if pruner is not None:
             pruner.detach()
@@ -225,8 +243,9 @@ def _progress(
     config: DistillConfig,
     pruner: BlockPruner | None,
     elapsed: float,
+    start_step: int = 0,
 ) -> str:
-    per_step = elapsed / done
+    per_step = elapsed / max(1, done - start_step)
     line = f"step {done}/{steps}  loss {float(parts.total.detach()):.4f}"
     weighted = (
         ("task", config.alpha_task, parts.task),
