@@ -145,6 +145,33 @@ def test_labeled_end_to_end_from_a_bare_encoder(inputs, tmp_path):
     assert "| student (fastonnx sparse int8) |" in (out / "report.md").read_text()
 
 
+def test_embedding_mode_on_unlabeled_sentences(inputs, tmp_path):
+    text = tmp_path / "sentences.txt"
+    text.write_text("\n".join(r["sentence"] for r in sentences(40, seed=3)) + "\n")
+    out = tmp_path / "out"
+    argv = command(inputs["bare"], text, out, "--mode", "embedding", "--sparsity", "0.5")
+    assert cli.main([*argv, "--block-shape", "1x4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["mode"] == "embedding" and report["pooling"] == "mean"
+    cos = report["cosine_to_teacher"]
+    assert set(cos) == {"student (PyTorch fp32)", "student (fastonnx sparse int8)"}
+    assert all(-1.0 <= v["min"] <= v["mean"] <= 1.0 for v in cos.values())
+    assert len(report["layers"]) == ENCODER_LINEARS
+    assert report["lowered_layers"] == ENCODER_LINEARS
+    assert (out / "student" / "config.json").exists() and not (out / "teacher").exists()
+    assert "mean cosine to teacher" in (out / "report.md").read_text()
+
+
+def test_embedding_mode_bad_input(inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    empty = bad_data(tmp_path, "empty.txt", "\n\n")
+    argv = command(inputs["bare"], empty, out, "--mode", "embedding")
+    assert "no sentences" in run_bad(capsys, argv, out)
+    argv = command(inputs["bare"], inputs["csv"], out, "--mode", "embedding")
+    argv[argv.index("sentence")] = "body"
+    assert "no column 'body'" in run_bad(capsys, argv, out)
+
+
 def student_weights(out):
     from safetensors.torch import load_file
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 _EPILOG = """\
 data: a .csv/.tsv file with a header row, or .jsonl (one JSON object a line); one text column
-(or two, for sentence pairs) and a label column of class ids 0..L-1.
+(or two, for sentence pairs) and a label column of class ids 0..L-1. --mode embedding: unlabeled
+sentences (.txt, one a line, or the text column of a .csv/.jsonl); the report gives the cosine
+of the student's pooled vectors to the teacher's on held-out sentences.
 
 model: a local Hugging Face folder (config.json, weights, tokenizer). A model with a
 sequence-classification head is the teacher; a bare encoder is fine-tuned into one first.
@@ -43,6 +45,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("model", type=Path, metavar="MODEL_DIR", help="Hugging Face folder")
     parser.add_argument("data", type=Path, metavar="DATA", help=".csv, .tsv or .jsonl")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="folder")
+    parser.add_argument(
+        "--mode",
+        choices=["labeled", "embedding"],
+        default="labeled",
+        help="labeled: a classifier on labeled rows (default); embedding: distill an encoder's "
+        "pooled sentence vector on unlabeled sentences (.txt one a line, or --text-column)",
+    )
     columns = parser.add_argument_group("data columns")
     columns.add_argument(
         "--text-column",
@@ -82,6 +91,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     train.add_argument("--alpha-task", type=float, default=0.5)
     train.add_argument("--alpha-kd", type=float, default=0.5)
     train.add_argument("--alpha-hidden", type=float, default=0.1)
+    train.add_argument("--alpha-cosine", type=float, default=1.0, help="embedding mode")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     run = parser.add_argument_group("checkpoints and outputs")
@@ -135,6 +145,8 @@ def run_command(args: argparse.Namespace) -> int:
         exporter=args.exporter,
         calibration_samples=args.calibration_samples,
         threads=args.threads,
+        mode=args.mode,
+        alpha_cosine=args.alpha_cosine,
     )
     try:
         result = compress(config)

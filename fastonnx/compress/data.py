@@ -171,3 +171,34 @@ def split(data: LabeledData, dev_fraction: float, seed: int) -> tuple[LabeledDat
     if len(order) - dev < 2:
         raise DataError(f"{data.source}: too few rows to keep {dev} for the dev set")
     return data.subset(order[:-dev]), data.subset(order[-dev:])
+
+
+def load_sentences(path: str | os.PathLike, text_column: str = "text") -> LabeledData:
+    """Unlabeled sentences (embedding mode): a ``.txt`` file (one a line) or the text column of
+    a ``.csv``/``.tsv``/``.jsonl`` file. Labels are all -1 (none)."""
+    path = Path(path)
+    if path.suffix.lower() != ".txt":
+        if not path.is_file():
+            raise DataError(f"{path}: no such data file")
+        kind = FORMATS.get(path.suffix.lower())
+        if kind is None:
+            raise DataError(f"{path}: unknown data format {path.suffix!r}; use .txt, .csv, .jsonl")
+        if path.stat().st_size == 0:
+            raise DataError(f"{path}: the data file is empty")
+        rows, columns = _rows(path, kind)
+        if text_column not in columns:
+            have = ", ".join(repr(c) for c in columns) or "none"
+            raise DataError(f"{path}: no column {text_column!r}; the file's columns: {have}")
+        lines = [row.get(text_column) for row in rows]
+    else:
+        if not path.is_file():
+            raise DataError(f"{path}: no such data file")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise DataError(f"{path}: more than the {MAX_FILE_BYTES} bytes this reads")
+        lines = path.read_bytes().decode("utf-8-sig").splitlines()
+    texts = [(t.strip(),) for t in lines if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise DataError(f"{path}: no sentences in the data file")
+    if len(texts) < MIN_ROWS:
+        raise DataError(f"{path}: {len(texts)} sentences; compressing needs at least {MIN_ROWS}")
+    return LabeledData(texts, [-1] * len(texts), 0, str(path))

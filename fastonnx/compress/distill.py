@@ -5,6 +5,7 @@ Loss (B batch, L labels, T temperature)::
     alpha_task   * CE(student logits [B, L], labels [B])
   + alpha_kd     * T^2 * KL(softmax(teacher / T) || softmax(student / T))
   + alpha_hidden * mean over layers of MSE(student hidden [B, S, D], teacher hidden [B, S, D])
+  + alpha_cosine * mean(1 - cos(student vector [B, D], teacher vector [B, D]))  (embeddings)
 
 T^2 keeps the soft-target gradients on the scale of the hard-label ones as T changes (Hinton
 et al., 2015). The hidden-state term needs both models to return the same number of hidden
@@ -34,20 +35,24 @@ class DistillConfig:
     alpha_task: float = 0.5
     alpha_kd: float = 0.5
     alpha_hidden: float = 0.0
+    # Embedding models: 1 - cosine of the student's and teacher's output vectors (``logits``
+    # holds the pooled sentence vector [B, D] there).
+    alpha_cosine: float = 0.0
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        weights = (self.alpha_task, self.alpha_kd, self.alpha_hidden)
+        weights = (self.alpha_task, self.alpha_kd, self.alpha_hidden, self.alpha_cosine)
         if min(weights) < 0 or sum(weights) == 0:
             raise ValueError(
                 f"loss weights must be >= 0 and not all 0, got alpha_task={self.alpha_task} "
-                f"alpha_kd={self.alpha_kd} alpha_hidden={self.alpha_hidden}"
+                f"alpha_kd={self.alpha_kd} alpha_hidden={self.alpha_hidden} "
+                f"alpha_cosine={self.alpha_cosine}"
             )
 
     @property
     def needs_teacher(self) -> bool:
-        return self.alpha_kd > 0 or self.alpha_hidden > 0
+        return self.alpha_kd > 0 or self.alpha_hidden > 0 or self.alpha_cosine > 0
 
 
 @dataclass
@@ -58,6 +63,7 @@ class LossParts:
     task: float = 0.0
     kd: float = 0.0
     hidden: float = 0.0
+    cosine: float = 0.0
 
 
 def _hidden_mse(student_out: Any, teacher_out: Any) -> torch.Tensor:
@@ -115,6 +121,11 @@ def distillation_loss(
         kd = functional.kl_div(student_log_probs, teacher_probs, reduction="batchmean") * t * t
         total = total + config.alpha_kd * kd
         parts.kd = float(kd.detach())
+    if config.alpha_cosine > 0:
+        cos = functional.cosine_similarity(logits, teacher_out.logits.detach(), dim=-1)
+        cosine = (1.0 - cos).mean()
+        total = total + config.alpha_cosine * cosine
+        parts.cosine = float(cosine.detach())
     if config.alpha_hidden > 0:
         hidden = _hidden_mse(student_out, teacher_out)
         total = total + config.alpha_hidden * hidden
@@ -251,6 +262,7 @@ def _progress(
         ("task", config.alpha_task, parts.task),
         ("kd", config.alpha_kd, parts.kd),
         ("hidden", config.alpha_hidden, parts.hidden),
+        ("cosine", config.alpha_cosine, parts.cosine),
     )
     terms = [f"{name} {value:.4f}" for name, alpha, value in weighted if alpha > 0]
     if len(terms) > 1:

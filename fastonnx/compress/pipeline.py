@@ -39,7 +39,8 @@ import numpy as np
 
 from fastonnx.compress import checkpoint
 from fastonnx.compress._deps import require_torch, require_transformers
-from fastonnx.compress.data import DataError, LabeledData, load_labeled, split
+from fastonnx.compress.data import DataError, LabeledData, load_labeled, load_sentences, split
+from fastonnx.compress.embedding import pooling_of
 from fastonnx.compress.pruning import (
     DEFAULT_EXCLUDE,
     check_block_shape_divides,
@@ -102,6 +103,10 @@ class CompressConfig:
     exporter: str = "dynamo"  # or "legacy"
     calibration_samples: int = 64
     threads: int | None = None  # torch threads; None leaves torch's default
+    # "labeled": a classifier on labeled rows; "embedding": an encoder's pooled sentence vector
+    # distilled on unlabeled sentences (sentence-transformers models).
+    mode: str = "labeled"
+    alpha_cosine: float = 1.0  # embedding mode: weight of 1 - cosine(student, teacher)
 
     # Options that change what training computes: a checkpoint resumes only with the same.
     _TRAINING_FIELDS = (
@@ -125,6 +130,8 @@ class CompressConfig:
         "scope",
         "dev_fraction",
         "seed",
+        "mode",
+        "alpha_cosine",
     )
 
 
@@ -142,7 +149,12 @@ class Plan:
     steps: int
     teacher_steps: int
     fingerprint: str
+    pooling: str = "mean"  # embedding mode
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def embedding(self) -> bool:
+        return self.config.mode == "embedding"
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,6 +223,8 @@ def prepare(config: CompressConfig, log: Callable[[str], None] | None = None) ->
         raise CompressError("--prune-end must be in [0, 1]")
     if config.exporter not in ("dynamo", "legacy"):
         raise CompressError(f"unknown exporter {config.exporter!r}; choose dynamo or legacy")
+    if config.mode not in ("labeled", "embedding"):
+        raise CompressError(f"unknown mode {config.mode!r}; choose labeled or embedding")
     if config.scope not in ("layer", "global"):
         raise CompressError(f"unknown scope {config.scope!r}; choose layer or global")
     if not 0.0 < config.dev_fraction < 1.0:
@@ -224,24 +238,31 @@ def prepare(config: CompressConfig, log: Callable[[str], None] | None = None) ->
         model_config = transformers.AutoConfig.from_pretrained(model_folder)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types on bad folders
         raise CompressError(f"{model_folder}: config.json is not readable ({exc})") from None
-    has_head = _has_classification_head(model_config)
-    # A head fixes the classes; a bare encoder gets as many as the labels need.
-    data = load_labeled(
-        config.data,
-        config.text_columns,
-        config.label_column,
-        num_labels=model_config.num_labels if has_head else None,
-    )
+    embedding = config.mode == "embedding"
+    has_head = _has_classification_head(model_config) and not embedding
+    if embedding:
+        data = load_sentences(config.data, config.text_columns[0])
+    else:
+        # A head fixes the classes; a bare encoder gets as many as the labels need.
+        data = load_labeled(
+            config.data,
+            config.text_columns,
+            config.label_column,
+            num_labels=model_config.num_labels if has_head else None,
+        )
     train_data, dev_data = split(data, config.dev_fraction, config.seed)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_folder)
     except Exception as exc:  # noqa: BLE001
         raise CompressError(f"{model_folder}: the tokenizer does not load ({exc})") from None
     try:
-        kwargs = {} if has_head else {"num_labels": data.num_labels}
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            model_folder, **kwargs
-        )
+        if embedding:
+            model = transformers.AutoModel.from_pretrained(model_folder)
+        else:
+            kwargs = {} if has_head else {"num_labels": data.num_labels}
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                model_folder, **kwargs
+            )
     except Exception as exc:  # noqa: BLE001
         raise CompressError(f"{model_folder}: the weights do not load ({exc})") from None
     try:
@@ -260,13 +281,14 @@ def prepare(config: CompressConfig, log: Callable[[str], None] | None = None) ->
         steps=steps,
         teacher_steps=_steps_for(len(train_data), config.batch_size, config.teacher_epochs),
         fingerprint=_fingerprint(config, Path(config.data), model_folder),
+        pooling=pooling_of(model_folder),
     )
     r, c = block
+    what = f"{plan.pooling}-pooled embeddings" if embedding else f"{data.num_labels} classes"
     log(
-        f"[compress] {len(train_data)} train / {len(dev_data)} dev rows, {data.num_labels} "
-        f"classes; {r}x{c} blocks for target {target} (kernel path {target_isa(target)}); "
-        f"{steps} student steps"
-        + ("" if has_head else f" after {plan.teacher_steps} teacher fine-tune steps")
+        f"[compress] {len(train_data)} train / {len(dev_data)} dev rows, {what}; {r}x{c} "
+        f"blocks for target {target} (kernel path {target_isa(target)}); {steps} student steps"
+        + ("" if has_head or embedding else f" after {plan.teacher_steps} teacher fine-tune steps")
     )
     return plan
 
@@ -443,7 +465,12 @@ def _check_output(config: CompressConfig) -> None:
 
 
 def _teacher(plan: Plan, out: Path, log: Callable[[str], None]) -> Any:
-    """The model itself when it has a head; else fine-tuned once into ``out/teacher``."""
+    """The model itself when it has a head (or is an embedding model, wrapped to return its
+    pooled vector); else fine-tuned once into ``out/teacher``."""
+    if plan.embedding:
+        from fastonnx.compress.embedding import pooled
+
+        return pooled(plan.model, plan.pooling).eval()
     if plan.has_head:
         return plan.model
     transformers = require_transformers()
@@ -536,12 +563,20 @@ def compress(config: CompressConfig, log: Callable[[str], None] | None = None) -
         log(f"[compress] no checkpoint in {ckpt}: starting from the beginning")
     last = steps if config.stop_after is None else min(steps, done + config.stop_after)
 
-    distill = DistillConfig(
-        temperature=config.temperature,
-        alpha_task=config.alpha_task,
-        alpha_kd=config.alpha_kd,
-        alpha_hidden=config.alpha_hidden,
-    )
+    if plan.embedding:
+        distill = DistillConfig(
+            alpha_task=0.0,
+            alpha_kd=0.0,
+            alpha_hidden=config.alpha_hidden,
+            alpha_cosine=config.alpha_cosine,
+        )
+    else:
+        distill = DistillConfig(
+            temperature=config.temperature,
+            alpha_task=config.alpha_task,
+            alpha_kd=config.alpha_kd,
+            alpha_hidden=config.alpha_hidden,
+        )
     progress = Progress(steps, done)
 
     def on_step(step: int, parts: Any) -> None:
@@ -575,7 +610,8 @@ def compress(config: CompressConfig, log: Callable[[str], None] | None = None) -
         log(f"[compress] stopped after step {last}/{steps}; continue with --resume")
         return CompressResult(out, {}, stopped=True)
     pruner.apply_masks()
-    report = _finish(plan, teacher, student, pruner, out, log)
+    finish = _finish_embedding if plan.embedding else _finish
+    report = finish(plan, teacher, student, pruner, out, log)
     report["wall_seconds"] = round(time.perf_counter() - started, 1)
     _write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     _write_text(out / "report.md", format_report(report))
@@ -588,33 +624,12 @@ def _finish(
     plan: Plan, teacher: Any, student: Any, pruner: Any, out: Path, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Save the student, export and optimize it, measure everything on the dev split."""
-    import fastonnx
-    from fastonnx.compress.export import export_pruned
-
     config = plan.config
     tmp = _tmp_dir(out, "student")
     student.save_pretrained(tmp)
     plan.tokenizer.save_pretrained(tmp)
     _replace_dir(tmp, out / "student")
-
-    tmp = _tmp_dir(out, "onnx")
-    exported = export_pruned(
-        student,
-        tmp / "student.onnx",
-        pruner,
-        output="logits",
-        dynamo=config.exporter == "dynamo",
-        log=log,
-    )
-    names = _onnx_input_names(exported.path)
-    calibration = tmp / "calibration.npz"
-    encoded = _encode(
-        plan.tokenizer, plan.train.texts[: config.calibration_samples], config.max_len, "np"
-    )
-    np.savez(calibration, **{n: encoded[n].astype(np.int64) for n in names})
-    optimized = fastonnx.optimize(exported.path, preset="sparse-int8", calibration=calibration)
-    optimized.save(tmp / "student.fast.onnx")
-    _replace_dir(tmp, out / "onnx")
+    exported, optimized = _export_and_optimize(plan, student, pruner, out, "logits", log)
     onnx_dir = out / "onnx"
 
     dev = batches_of(plan.tokenizer, plan.dev, 64, config.max_len)
@@ -628,14 +643,52 @@ def _finish(
             onnx_dir / "student.fast.onnx", plan.tokenizer, plan.dev, config.max_len, fast=True
         ),
     }
+    report = _common_report(plan, pruner, exported, optimized)
+    report["num_labels"] = plan.train.num_labels
+    report["teacher"] = str(config.model) if plan.has_head else str(out / "teacher")
+    report["dev_accuracy"] = accuracy
+    return report
+
+
+def _export_and_optimize(
+    plan: Plan, model: Any, pruner: Any, out: Path, output: str, log: Callable[[str], None]
+) -> tuple[Any, Any]:
+    """``out/onnx``: the fp32 export (sparsity checked), calibration feeds, the optimized
+    model; returns (export record, optimize result)."""
+    import fastonnx
+    from fastonnx.compress.export import export_pruned
+
+    config = plan.config
+    tmp = _tmp_dir(out, "onnx")
+    exported = export_pruned(
+        model,
+        tmp / "student.onnx",
+        pruner,
+        output=output,
+        dynamo=config.exporter == "dynamo",
+        log=log,
+    )
+    names = _onnx_input_names(exported.path)
+    calibration = tmp / "calibration.npz"
+    encoded = _encode(
+        plan.tokenizer, plan.train.texts[: config.calibration_samples], config.max_len, "np"
+    )
+    np.savez(calibration, **{n: encoded[n].astype(np.int64) for n in names})
+    optimized = fastonnx.optimize(exported.path, preset="sparse-int8", calibration=calibration)
+    optimized.save(tmp / "student.fast.onnx")
+    _replace_dir(tmp, out / "onnx")
+    return exported, optimized
+
+
+def _common_report(plan: Plan, pruner: Any, exported: Any, optimized: Any) -> dict[str, Any]:
+    config = plan.config
     r, c = plan.block_shape
     return {
+        "mode": config.mode,
         "model": str(config.model),
         "data": str(config.data),
         "train_rows": len(plan.train),
         "dev_rows": len(plan.dev),
-        "num_labels": plan.train.num_labels,
-        "teacher": str(config.model) if plan.has_head else str(out / "teacher"),
         "sparsity": config.sparsity,
         "block_shape": f"{r}x{c}",
         "target": config.target,
@@ -646,7 +699,6 @@ def _finish(
         },
         "exporter": exported.exporter,
         "lowered_layers": len(optimized.report.lowered),
-        "dev_accuracy": accuracy,
         "overall_sparsity": pruner.overall_sparsity(),
         "layers": {
             x.layer: {"zero_blocks": x.measured.zero_blocks, "blocks": x.measured.blocks}
@@ -660,6 +712,49 @@ def _finish(
     }
 
 
+def _finish_embedding(
+    plan: Plan, teacher: Any, student: Any, pruner: Any, out: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Embedding mode: save, export (last_hidden_state), optimize; cosine to the teacher's
+    vectors on the held-out sentences."""
+    from fastonnx.compress.embedding import cosines, onnx_vectors, torch_vectors
+
+    config = plan.config
+    encoder = student.encoder
+    tmp = _tmp_dir(out, "student")
+    encoder.save_pretrained(tmp)
+    plan.tokenizer.save_pretrained(tmp)
+    pooling_config = Path(config.model) / "1_Pooling"
+    if pooling_config.is_dir():
+        shutil.copytree(pooling_config, tmp / "1_Pooling")
+    _replace_dir(tmp, out / "student")
+    exported, optimized = _export_and_optimize(plan, encoder, pruner, out, "last_hidden_state", log)
+    dev = batches_of(plan.tokenizer, plan.dev, 64, config.max_len)
+    texts = [t[0] for t in plan.dev.texts]
+    reference = torch_vectors(teacher, dev)
+    vectors = {
+        "student (PyTorch fp32)": torch_vectors(student, dev),
+        "student (fastonnx sparse int8)": onnx_vectors(
+            out / "onnx" / "student.fast.onnx",
+            plan.tokenizer,
+            texts,
+            config.max_len,
+            plan.pooling,
+            fast=True,
+        ),
+    }
+    report = _common_report(plan, pruner, exported, optimized)
+    report["pooling"] = plan.pooling
+    report["cosine_to_teacher"] = {
+        name: {
+            "mean": float(cosines(v, reference).mean()),
+            "min": float(cosines(v, reference).min()),
+        }
+        for name, v in vectors.items()
+    }
+    return report
+
+
 def _onnx_input_names(path: Path) -> list[str]:
     import onnxruntime as ort
 
@@ -668,9 +763,7 @@ def _onnx_input_names(path: Path) -> list[str]:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The report as Markdown: accuracy table, then per-layer sparsity."""
-    acc = report["dev_accuracy"]
-    teacher = acc["teacher (PyTorch fp32)"]
+    """The report as Markdown: accuracy (or cosine) table, then per-layer sparsity."""
     lines = [
         f"# fastonnx compress: {report['model']}",
         "",
@@ -678,11 +771,17 @@ def format_report(report: dict[str, Any]) -> str:
         f"{report['target']}, kernel path {report['target_kernel_path']}), {report['steps']} "
         f"steps; {report['train_rows']} train / {report['dev_rows']} dev rows of {report['data']}",
         "",
-        "| model | dev accuracy | vs teacher |",
-        "|---|---|---|",
     ]
-    for name, value in acc.items():
-        lines.append(f"| {name} | {value:.2%} | {100 * (value - teacher):+.2f} points |")
+    if report.get("mode") == "embedding":
+        lines += ["| model | mean cosine to teacher | min |", "|---|---|---|"]
+        for name, value in report["cosine_to_teacher"].items():
+            lines.append(f"| {name} | {value['mean']:.4f} | {value['min']:.4f} |")
+    else:
+        acc = report["dev_accuracy"]
+        teacher = acc["teacher (PyTorch fp32)"]
+        lines += ["| model | dev accuracy | vs teacher |", "|---|---|---|"]
+        for name, value in acc.items():
+            lines.append(f"| {name} | {value:.2%} | {100 * (value - teacher):+.2f} points |")
     lines += ["", "| layer | zero blocks | sparsity |", "|---|---|---|"]
     for name, layer in report["layers"].items():
         zero, total = layer["zero_blocks"], layer["blocks"]
