@@ -72,6 +72,9 @@ class Settings:
     # A student folder of this mode ("student-80") to start from instead of the teacher: a
     # sparser student continues from a less sparse one, its zeros kept (masks only grow).
     init_from: str = ""
+    # > 0: a student sparser than this starts from this mode's student at this sparsity (built
+    # first when missing), its sparsity the ramp's start: 90% continues from 80%.
+    chain_from: float = 0.0
 
 
 def override(settings: Settings, assignments: Sequence[str]) -> Settings:

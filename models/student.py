@@ -56,10 +56,17 @@ def prune_and_distill(args, paths: teacher_recipe.TeacherPaths, out: Path) -> di
     settings = common.settings_for(args)
     split = common.load_split(paths.split)
     teacher, tokenizer = teacher_recipe.load_teacher(paths)
+    start, initial = None, settings.initial_sparsity
     if settings.init_from:
+        start = common.run_dir(args) / settings.init_from / "model"
+    elif 0 < settings.chain_from < args.sparsity:
+        # The less sparse student of the same recipe and block shape, built first if missing.
+        base = argparse.Namespace(**{**vars(args), "sparsity": settings.chain_from, "force": False})
+        ensure_student(base)
+        start, initial = student_dir(base) / "model", settings.chain_from
+    if start is not None:
         from transformers import AutoModelForSequenceClassification
 
-        start = common.run_dir(args) / settings.init_from / "model"
         print(f"[student] starting from {start}")
         student = AutoModelForSequenceClassification.from_pretrained(start)
     else:
@@ -70,7 +77,7 @@ def prune_and_distill(args, paths: teacher_recipe.TeacherPaths, out: Path) -> di
         begin_step=0,
         end_step=max(1, round(settings.prune_end_fraction * steps)),
         frequency=settings.prune_frequency,
-        initial_sparsity=min(settings.initial_sparsity, args.sparsity),
+        initial_sparsity=min(initial, args.sparsity),
     )
     pruner = BlockPruner(
         student,
