@@ -403,3 +403,35 @@ except ImportError as exc:
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'fastonnx[train]'" in out.stdout
+
+
+def test_unlabeled_rows_learn_from_the_teacher_only():
+    student = SimpleNamespace(logits=torch.tensor([[1.0, -1.0], [0.5, 0.2], [0.0, 2.0]]))
+    teacher = SimpleNamespace(logits=torch.tensor([[2.0, 0.0], [-1.0, 1.0], [1.0, 1.0]]))
+    config = DistillConfig(temperature=2.0, alpha_task=0.5, alpha_kd=0.5)
+    mixed = distillation_loss(student, teacher, torch.tensor([0, -100, 1]), config)
+    ce = torch.nn.functional.cross_entropy(student.logits[[0, 2]], torch.tensor([0, 1]))
+    assert mixed.task == pytest.approx(float(ce), rel=1e-6)  # the -100 row has no task loss
+    unlabeled = distillation_loss(student, teacher, torch.full((3,), -100), config)
+    assert unlabeled.task == 0.0
+    assert float(unlabeled.total) == pytest.approx(0.5 * unlabeled.kd, rel=1e-6)
+    assert unlabeled.kd == pytest.approx(mixed.kd)
+
+
+def test_pruner_state_round_trips():
+    model = tiny_classifier()
+    pruner = prune_once(model, 0.6, block_shape=(1, 4))
+    state = pruner.state_dict()
+    other = tiny_classifier(seed=5)
+    restored = BlockPruner(other, 0.6, block_shape=(1, 4))
+    restored.load_state_dict(state)
+    assert restored.sparsity == 0.6
+    for name, mask in pruner.masks().items():
+        assert torch.equal(restored.masks()[name], mask), name
+        assert torch.equal(restored.weights()[name] == 0, ~expand(mask)), name
+    with pytest.raises(ValueError, match="block shape"):
+        BlockPruner(other, 0.6, block_shape=(4, 4)).load_state_dict(state)
+
+
+def expand(mask):
+    return mask.repeat_interleave(4, dim=1)

@@ -143,3 +143,29 @@ def test_help(script):
 def test_student_rejects_bad_sparsity(tmp_path):
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         student.main(["--tiny", "--cache", str(tmp_path), "--sparsity", "1.0"])
+
+
+def test_sparser_student_continues_from_a_less_sparse_one(tiny_chain):
+    # chain_from: the 90% student starts from the 60% one (built first), keeping its zeros.
+    argv = ["--tiny", "--cache", str(tiny_chain), "--sparsity", "0.9", "--tag", "chain"]
+    assert student.main([*argv, "--block-shape", "1x4", "--set", "chain_from=0.6"]) == 0
+    root = tiny_chain / "tiny"
+    base = json.loads((root / "student-60-chain/onnx/sparsity.json").read_text())
+    assert_exact_sparsity(base["zero_blocks"], 0.6)
+    info = json.loads((root / "student-90-chain/onnx/sparsity.json").read_text())
+    assert_exact_sparsity(info["zero_blocks"], 0.9)
+    metrics = json.loads((root / "student-90-chain/metrics.json").read_text())
+    assert metrics["settings"]["chain_from"] == 0.6
+    # Masks only grow: every block zero at 60% is still zero at 90%.
+    from safetensors.torch import load_file
+
+    before = load_file(root / "student-60-chain/model/model.safetensors")
+    after = load_file(root / "student-90-chain/model/model.safetensors")
+    for name in base["layers"]:
+        key = f"{name}.weight"
+        assert bool(((before[key] == 0) <= (after[key] == 0)).all()), name
+
+
+def test_bad_setting_override(tmp_path):
+    with pytest.raises(ValueError, match="KEY one of"):
+        student.main(["--tiny", "--cache", str(tmp_path), "--sparsity", "0.5", "--set", "lr=1"])

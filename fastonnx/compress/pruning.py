@@ -438,6 +438,31 @@ class BlockPruner:
             for layer in self._layers:
                 layer.apply()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The masks and the sparsity they were made for (a checkpoint of the pruning)."""
+        return {
+            "sparsity": self.sparsity,
+            "block_shape": list(self.block_shape),
+            "masks": {x.name: x.block_mask.cpu() for x in self._layers if x.block_mask is not None},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (same model layers and block shape) and apply the masks."""
+        if tuple(state["block_shape"]) != self.block_shape:
+            raise ValueError(
+                f"pruner state has block shape {state['block_shape']}, this pruner "
+                f"{list(self.block_shape)}"
+            )
+        masks = state["masks"]
+        unknown = set(masks) - set(self.layer_names)
+        if unknown:
+            raise ValueError(f"pruner state names layers this model lacks: {sorted(unknown)[:4]}")
+        for layer in self._layers:
+            if layer.name in masks:
+                layer.set_mask(masks[layer.name].to(layer.weight.device))
+        self.sparsity = float(state["sparsity"])
+        self.apply_masks()
+
     # -- training hooks --------------------------------------------------------------------
 
     def attach(self, optimizer: Any | None = None) -> BlockPruner:
