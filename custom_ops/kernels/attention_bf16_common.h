@@ -78,30 +78,37 @@ FASTONNX_AVX512_BF16 static inline void mean_v(const float* v, int64_t s_len, in
   }
 }
 
-// The mask row m at the gathered keys idx[0..tc): -inf for skipped keys and padding lanes up to
-// tcp; m null: 0 (no mask).
-FASTONNX_AVX512_BF16 static inline void gather_mask(const float* m, const int32_t* idx, int64_t tc,
+// log2(e): scores and masks are kept in log2 units, so the softmax's exponential is 2^x.
+constexpr float kLog2e = 1.44269504088896341f;
+
+// The mask row m at the gathered keys idx[0..tc), times log2(e): -inf for skipped keys and
+// padding lanes up to tcp; m null: 0 (no mask). Returns whether every kept key's value is 0
+// (key padding only), when the softmax need not add the mask at all.
+FASTONNX_AVX512_BF16 static inline bool gather_mask(const float* m, const int32_t* idx, int64_t tc,
                                                     int64_t tcp, float* out) {
   const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  __mmask16 nonzero = 0;
   for (int64_t j = 0; j < tcp; j += 16) {
     __m512 x = _mm512_setzero_ps();
+    const __mmask16 valid = lanes(tc - j);
     if (m) {
       x = _mm512_i32gather_ps(_mm512_loadu_si512(idx + j), m, 4);
-      x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(kSkipThreshold), _CMP_LE_OQ),
-                               x, neg_inf);
+      const __mmask16 skip =
+          _mm512_cmp_ps_mask(x, _mm512_set1_ps(kSkipThreshold), _CMP_LE_OQ);
+      x = _mm512_mask_blend_ps(skip, _mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), neg_inf);
+      nonzero |= _mm512_mask_cmp_ps_mask(valid, x, _mm512_setzero_ps(), _CMP_NEQ_UQ);
     }
-    _mm512_store_ps(out + j, _mm512_mask_blend_ps(lanes(tc - j), neg_inf, x));
+    _mm512_store_ps(out + j, _mm512_mask_blend_ps(valid, neg_inf, x));
   }
+  return nonzero == 0;
 }
 
-// exp(z) for z <= 0 where bf16 accuracy suffices (relative error ~1e-5 against bf16's 4e-3):
-// 2^(z log2 e) with a degree-4 polynomial on [-1/2, 1/2]; exactly 0 below -87 (and for -inf).
-FASTONNX_AVX512_BF16 static inline __m512 exp_nonpositive(__m512 z) {
-  const __mmask16 live = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(z, _mm512_set1_ps(-87.f)),
-                                 _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
+// 2^z for z <= 0 where bf16 accuracy suffices (relative error ~4e-5 against bf16's 4e-3):
+// a degree-4 polynomial on the fraction in [-1/2, 1/2]; exactly 0 below -126 and for -inf.
+FASTONNX_AVX512_BF16 static inline __m512 exp2_nonpositive(__m512 z) {
+  const __mmask16 live = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
+  const __m512 n = _mm512_roundscale_ps(z, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(z, n);
   __m512 p = _mm512_set1_ps(9.61812911e-3f);
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.55041087e-2f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40226507e-1f));
@@ -119,6 +126,7 @@ struct Work {
   int32_t* idx = nullptr;
   float* mrow = nullptr;  // gathered mask (broadcast over queries), or the current row's
   bool per_row_mask = false;
+  bool mask_zero = false;  // every kept key's mask is 0: scores need no mask added
   uint32_t* kp = nullptr;
   uint32_t* vp = nullptr;
   uint32_t* qb = nullptr;  // [rows][qw] bf16 pairs of the block's scaled queries
@@ -234,32 +242,36 @@ FASTONNX_AVX512_BF16 static inline bool prepare(const AttentionArgs& a, const Ta
   if (w.per_row_mask) {
     w.mrow = row_mask;
   } else {
-    gather_mask(t.mask, w.idx, tc, w.tcp, w.mrow);
+    w.mask_zero = gather_mask(t.mask, w.idx, tc, w.tcp, w.mrow);
   }
   return true;
 }
 
-// The block's scaled queries s0 .. s0 + rows (of `block` rows; the rest zero) into w.qb.
+// The block's queries s0 .. s0 + rows, times scale * log2(e), (of `block` rows; the rest zero) into w.qb.
 FASTONNX_AVX512_BF16 static inline void load_queries(const AttentionArgs& a, const Task& t,
                                                      int64_t s0, int64_t rows, int64_t block,
                                                      Work& w) {
   for (int64_t r = 0; r < block; ++r) {
     if (r < rows) {
-      row_to_bf16(t.q + (s0 + r) * a.token_stride, a.head_size, w.hp, a.scale, w.qb + r * w.qw);
+      row_to_bf16(t.q + (s0 + r) * a.token_stride, a.head_size, w.hp, a.scale * kLog2e,
+                  w.qb + r * w.qw);
     } else {
       std::memset(w.qb + r * w.qw, 0, size_t(w.qw) * 4);
     }
   }
 }
 
-// Softmax of the block's score rows (w.sc, stride tcp) into bf16 w.pb, with inv[r] = 1 / sum.
-// skip[r]: row r is padding of the block, or had every key skipped (its output, the mean of V,
-// is written here).
+// Softmax of the block's score rows (w.sc, stride tcp, log2 units) into bf16 w.pb, with
+// inv[r] = 1 / sum. skip[r]: row r is padding of the block, or had every key skipped (its
+// output, the mean of V, is written here).
 FASTONNX_AVX512_BF16 static inline void softmax_rows(const AttentionArgs& a, const Task& t,
                                                      int64_t s0, int64_t rows, int64_t block,
                                                      Work& w, float* inv, bool* skip) {
   const int64_t d = a.heads * a.head_size, tcp = w.tcp;
   const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+  // With a zero (or no) mask only the kept keys are visited; the padding lanes are masked off.
+  const bool add_mask = !w.mask_zero && (t.mask != nullptr);
+  const int64_t used = add_mask ? tcp : round_up(w.tc, 16);
   for (int64_t r = 0; r < block; ++r) {
     uint16_t* prow = w.pb + r * tcp;
     skip[r] = r >= rows;
@@ -267,13 +279,21 @@ FASTONNX_AVX512_BF16 static inline void softmax_rows(const AttentionArgs& a, con
       std::memset(prow, 0, size_t(tcp) * 2);
       continue;
     }
-    if (w.per_row_mask) gather_mask(t.mask + (s0 + r) * t.mask_row_stride, w.idx, w.tc, tcp, w.mrow);
+    if (w.per_row_mask) {
+      gather_mask(t.mask + (s0 + r) * t.mask_row_stride, w.idx, w.tc, tcp, w.mrow);
+    }
     float* x = w.sc + r * tcp;
     __m512 vmax = neg_inf;
-    for (int64_t j = 0; j < tcp; j += 16) {
-      const __m512 v = _mm512_add_ps(_mm512_load_ps(x + j), _mm512_load_ps(w.mrow + j));
-      _mm512_store_ps(x + j, v);
-      vmax = _mm512_max_ps(vmax, v);
+    if (add_mask) {
+      for (int64_t j = 0; j < tcp; j += 16) {
+        const __m512 v = _mm512_add_ps(_mm512_load_ps(x + j), _mm512_load_ps(w.mrow + j));
+        _mm512_store_ps(x + j, v);
+        vmax = _mm512_max_ps(vmax, v);
+      }
+    } else {
+      for (int64_t j = 0; j < used; j += 16) {
+        vmax = _mm512_mask_max_ps(vmax, lanes(w.tc - j), vmax, _mm512_load_ps(x + j));
+      }
     }
     const float max = _mm512_reduce_max_ps(vmax);
     if (max == -INFINITY) {  // every key of this row skipped
@@ -286,11 +306,13 @@ FASTONNX_AVX512_BF16 static inline void softmax_rows(const AttentionArgs& a, con
     }
     const __m512 vm = _mm512_set1_ps(max);
     __m512 vsum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < tcp; j += 16) {
-      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_load_ps(x + j), vm));
+    for (int64_t j = 0; j < used; j += 16) {
+      __m512 e = exp2_nonpositive(_mm512_sub_ps(_mm512_load_ps(x + j), vm));
+      if (!add_mask) e = _mm512_maskz_mov_ps(lanes(w.tc - j), e);
       vsum = _mm512_add_ps(vsum, e);
       _mm256_store_si256(reinterpret_cast<__m256i*>(prow + j), (__m256i)_mm512_cvtneps_pbh(e));
     }
+    if (used < tcp) std::memset(prow + used, 0, size_t(tcp - used) * 2);
     inv[r] = 1.f / _mm512_reduce_add_ps(vsum);
   }
 }
