@@ -353,3 +353,11 @@ def test_ort_sequence_beyond_limit_is_invalid_argument():
 def test_ort_missing_num_heads_fails_session_creation():
     with pytest.raises(Exception, match="num_heads \\(int\\) is required"):
         session(build_model(num_heads=None, d=64))
+
+
+def test_info_names_the_attention_kernel(capsys):
+    from fastonnx.cli import main
+
+    assert main(["info"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "::Attention" in line]
+    assert len(lines) == 1 and lines[0].endswith(_native.attention_kernel_name()), lines
