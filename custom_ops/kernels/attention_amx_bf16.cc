@@ -88,7 +88,7 @@ FASTONNX_AMX_BF16 void pv_tiles(const Work& w, int64_t h0, float* out) {
 FASTONNX_AMX_BF16 void head_amx_bf16(const AttentionArgs& a, const Task& t) {
   const int64_t h = a.head_size, d = a.heads * a.head_size;
   Work w;
-  if (!prepare(a, t, kRows, 32, 16, w)) return;
+  if (!prepare(a, t, kRows, 32, w)) return;
   static const TileConfig config = make_config();
   _tile_loadconfig(&config);
   alignas(64) float out[kRows * 64];

@@ -78,7 +78,7 @@ FASTONNX_AVX512_BF16 void pv_rows(const uint16_t* pb, int64_t pbw, const uint32_
 FASTONNX_AVX512_BF16 void head_avx512_bf16(const AttentionArgs& a, const Task& t) {
   const int64_t h = a.head_size, d = a.heads * a.head_size;
   Work w;
-  if (!prepare(a, t, kRows, 16, 1, w)) return;
+  if (!prepare(a, t, kRows, 16, w)) return;
   const int64_t nblk = w.tcp / 16, npairs = (w.tc + 1) / 2, used_pairs = (h + 1) / 2;
   float inv[kRows];
   bool skip[kRows];

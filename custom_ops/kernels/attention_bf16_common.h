@@ -121,7 +121,7 @@ FASTONNX_AVX512_BF16 static inline __m512 exp2_nonpositive(__m512 z) {
 struct Work {
   int64_t tc = 0;   // keys kept
   int64_t tcp = 0;  // tc rounded up to the path's key multiple (16 or 32)
-  int64_t kpairs = 0;  // bf16 pairs per key in kp (H/2, rounded up as the path needs)
+  int64_t kpairs = 0;  // bf16 pairs per key in kp: H rounded up to 32, halved
   int64_t hp = 0, qw = 0, h16 = 0;  // H rounded to 32, words per Q row (hp/2), H rounded to 16
   int32_t* idx = nullptr;
   float* mrow = nullptr;  // gathered mask (broadcast over queries), or the current row's
@@ -136,18 +136,17 @@ struct Work {
   bool have_mean = false;
 };
 
-// Steps 1 and 2 for one task. `key_multiple` pads the kept keys (padding keys are zero with
-// mask -inf); `pair_multiple` pads each key's bf16 pairs. Returns false when every key is
-// skipped for every query (the output rows are then written: the mean of V).
+// Steps 1 and 2 for one task. `key_multiple` (16 or 32) pads the kept keys (padding keys are
+// zero with mask -inf); each key's bf16 pairs are padded to 16 (H to 32). Returns false when
+// every key is skipped for every query (the output rows are then written: the mean of V).
 FASTONNX_AVX512_BF16 static inline bool prepare(const AttentionArgs& a, const Task& t,
-                                                int64_t rows, int64_t key_multiple,
-                                                int64_t pair_multiple, Work& w) {
+                                                int64_t rows, int64_t key_multiple, Work& w) {
   const int64_t s_len = a.seq, h = a.head_size, stride = a.token_stride;
   const int64_t d = a.heads * a.head_size;
   w.hp = round_up(h, 32);
   w.qw = w.hp / 2;
   w.h16 = round_up(h, 16);
-  w.kpairs = round_up((h + 1) / 2, pair_multiple);
+  w.kpairs = w.qw;
   const int64_t sp = round_up(s_len, key_multiple);
   Scratch& scratch = tls_scratch;
   scratch.reserve(Scratch::bytes_for(sp, 4) * 3 + Scratch::bytes_for(sp * w.kpairs, 4) +
@@ -203,10 +202,7 @@ FASTONNX_AVX512_BF16 static inline bool prepare(const AttentionArgs& a, const Ta
   w.tcp = round_up(tc, key_multiple);
   for (int64_t j = tc; j < w.tcp; ++j) w.idx[j] = w.idx[0];  // in-bounds gathers; masked off
 
-  // 2. K: 16-key blocks of bf16 pairs, transposed through a gather.
-  const __m512i lane_rows =
-      _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                         _mm512_set1_epi32(int(w.qw)));
+  // 2. K: 16-key blocks of bf16 pairs, each 16 keys x 16 pairs transposed in registers.
   for (int64_t jb = 0; jb < w.tcp / 16; ++jb) {
     for (int64_t l = 0; l < 16; ++l) {
       const int64_t j = jb * 16 + l;
@@ -216,10 +212,9 @@ FASTONNX_AVX512_BF16 static inline bool prepare(const AttentionArgs& a, const Ta
         std::memset(kb + l * w.qw, 0, size_t(w.qw) * 4);
       }
     }
-    for (int64_t p = 0; p < w.kpairs; ++p) {
-      const __m512i col = _mm512_i32gather_epi32(
-          _mm512_add_epi32(lane_rows, _mm512_set1_epi32(int(p))), kb, 4);
-      _mm512_store_si512(w.kp + (jb * w.kpairs + p) * 16, col);
+    for (int64_t p = 0; p < w.kpairs; p += 16) {
+      avx512::transpose16x16(reinterpret_cast<const int32_t*>(kb + p), w.qw,
+                             reinterpret_cast<int32_t*>(w.kp + (jb * w.kpairs + p) * 16));
     }
   }
   // V: key pairs, two bf16 rows interleaved into (a[i], b[i]); zero beyond the kept keys.
