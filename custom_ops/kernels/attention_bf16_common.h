@@ -103,10 +103,10 @@ FASTONNX_AVX512_BF16 static inline bool gather_mask(const float* m, const int32_
   return nonzero == 0;
 }
 
-// 2^z for z <= 0 where bf16 accuracy suffices (relative error ~4e-5 against bf16's 4e-3):
-// a degree-4 polynomial on the fraction in [-1/2, 1/2]; exactly 0 below -126 and for -inf.
+// 2^z for finite z <= 0 where bf16 accuracy suffices (relative error ~4e-5 against bf16's
+// 4e-3): a degree-4 polynomial on the fraction in [-1/2, 1/2], scaled by 2^round(z) (which
+// underflows to 0 far below). -inf needs exp2_nonpositive_masked.
 FASTONNX_AVX512_BF16 static inline __m512 exp2_nonpositive(__m512 z) {
-  const __mmask16 live = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
   const __m512 n = _mm512_roundscale_ps(z, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(z, n);
   __m512 p = _mm512_set1_ps(9.61812911e-3f);
@@ -114,7 +114,13 @@ FASTONNX_AVX512_BF16 static inline __m512 exp2_nonpositive(__m512 z) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40226507e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93147181e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_maskz_scalef_ps(live, p, n);
+  return _mm512_scalef_ps(p, n);
+}
+
+// The same where z may be -inf (a skipped key): exactly 0 there and below -126.
+FASTONNX_AVX512_BF16 static inline __m512 exp2_nonpositive_masked(__m512 z) {
+  const __mmask16 live = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
+  return _mm512_maskz_mov_ps(live, exp2_nonpositive(_mm512_maskz_mov_ps(live, z)));
 }
 
 // One task's packed keys and per-block buffers.
@@ -301,11 +307,24 @@ FASTONNX_AVX512_BF16 static inline void softmax_rows(const AttentionArgs& a, con
     }
     const __m512 vm = _mm512_set1_ps(max);
     __m512 vsum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < used; j += 16) {
-      __m512 e = exp2_nonpositive(_mm512_sub_ps(_mm512_load_ps(x + j), vm));
-      if (!add_mask) e = _mm512_maskz_mov_ps(lanes(w.tc - j), e);
+    auto emit = [&](int64_t j, __m512 e) FASTONNX_AVX512_BF16 {
       vsum = _mm512_add_ps(vsum, e);
       _mm256_store_si256(reinterpret_cast<__m256i*>(prow + j), (__m256i)_mm512_cvtneps_pbh(e));
+    };
+    if (add_mask) {
+      for (int64_t j = 0; j < tcp; j += 16) {
+        emit(j, exp2_nonpositive_masked(_mm512_sub_ps(_mm512_load_ps(x + j), vm)));
+      }
+    } else {  // finite scores; only the last vector has padding lanes
+      const int64_t full = w.tc / 16 * 16;
+      for (int64_t j = 0; j < full; j += 16) {
+        emit(j, exp2_nonpositive(_mm512_sub_ps(_mm512_load_ps(x + j), vm)));
+      }
+      if (full < used) {
+        const __mmask16 valid = lanes(w.tc - full);
+        const __m512 z = _mm512_maskz_sub_ps(valid, _mm512_load_ps(x + full), vm);
+        emit(full, _mm512_maskz_mov_ps(valid, exp2_nonpositive(z)));
+      }
     }
     if (used < tcp) std::memset(prow + used, 0, size_t(tcp - used) * 2);
     inv[r] = 1.f / _mm512_reduce_add_ps(vsum);
