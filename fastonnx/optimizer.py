@@ -176,7 +176,7 @@ class _Context:
     preset: str
     samples: list[Mapping[str, np.ndarray]]
     quantize_config: QuantizeConfig
-    min_sparsity: float
+    min_sparsity: float | None
     dynamic_activations: bool = True
 
 
@@ -296,7 +296,7 @@ def optimize(
     calibration: CalibrationLike = None,
     num_samples: int | None = None,
     quantize_config: QuantizeConfig | None = None,
-    min_sparsity: float = 0.5,
+    min_sparsity: float | None = None,
     dynamic_activations: bool = True,
 ) -> OptimizeResult:
     """Optimize a transformer encoder for ONNX Runtime on CPUs.
@@ -313,7 +313,7 @@ def optimize(
     """
     if preset not in PRESETS:
         raise OptimizeError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
-    if not 0.0 <= min_sparsity <= 1.0:
+    if min_sparsity is not None and not 0.0 <= min_sparsity <= 1.0:
         raise OptimizeError(f"min_sparsity must be between 0 and 1, got {min_sparsity}")
     if num_samples is not None and num_samples < 1:
         raise OptimizeError(f"num_samples must be >= 1, got {num_samples}")

@@ -89,6 +89,38 @@ def add_common_args(parser: argparse.ArgumentParser, *, full: bool = True) -> No
     parser.add_argument("--force", action="store_true", help="redo outputs that already exist")
 
 
+def add_target_args(parser: argparse.ArgumentParser) -> None:
+    """--target (the deployment CPU) and --block-shape (overrides the target's preference)."""
+    from fastonnx.compress.pruning import TARGETS
+
+    parser.add_argument(
+        "--target",
+        default="auto",
+        choices=TARGETS,
+        help="CPU the model will run on: its kernels' preferred block shape is used "
+        "(default: auto, this CPU)",
+    )
+    parser.add_argument(
+        "--block-shape",
+        default=None,
+        help="block RxC of the [out, in] weight, e.g. 1x4 or 16x4 (default: --target's)",
+    )
+
+
+def resolve_target_args(args: argparse.Namespace) -> None:
+    """Turn --target/--block-shape into ``args.block_shape`` (rows, cols); say what is used."""
+    from fastonnx.compress.pruning import resolve_block_shape, target_isa
+
+    explicit = args.block_shape is not None
+    args.block_shape = resolve_block_shape(args.block_shape, args.target)
+    how = "--block-shape" if explicit else f"preferred by target {args.target}"
+    print(
+        f"[prune] block shape {args.block_shape[0]}x{args.block_shape[1]} ({how}; "
+        f"target kernel path {target_isa(args.target)})",
+        flush=True,
+    )
+
+
 def settings_for(args: argparse.Namespace) -> Settings:
     return MODES["tiny" if args.tiny else "full" if getattr(args, "full", False) else "default"]
 

@@ -1,6 +1,7 @@
 """Recipe: a block-sparse student, pruned gradually while distilled from the dense teacher.
 
-    python models/student.py --sparsity 0.9 [--block-shape 1x4] [--cache DIR] [--tiny | --full]
+    python models/student.py --sparsity 0.9 [--target auto|avx512_vnni|amx|avx2]
+                             [--block-shape 1x4] [--cache DIR] [--tiny | --full]
 
 Runs the teacher recipe first for whatever of it is missing. The student starts as a copy of
 the teacher; its encoder's linear layers are block-pruned along a cubic schedule (Zhu & Gupta)
@@ -42,9 +43,8 @@ def prune_and_distill(args, paths: teacher_recipe.TeacherPaths, out: Path) -> di
         end_step=max(1, round(settings.prune_end_fraction * steps)),
         frequency=settings.prune_frequency,
     )
-    pruner = BlockPruner(student, schedule, block_shape=args.block_shape)
-    block = "x".join(map(str, pruner.block_shape))
-    print(f"[student] {len(pruner.layer_names)} layers, {block} blocks, schedule {schedule}")
+    pruner = BlockPruner(student, schedule, block_shape=args.block_shape, target=args.target)
+    print(f"[student] {pruner.describe()}, schedule {schedule}")
     torch.manual_seed(args.seed)
     batches = common.batches_of(
         tokenizer,
@@ -85,6 +85,7 @@ def prune_and_distill(args, paths: teacher_recipe.TeacherPaths, out: Path) -> di
         "dev_accuracy": acc,
         "target_sparsity": args.sparsity,
         "block_shape": list(pruner.block_shape),
+        "target": args.target,
         "overall_sparsity": result.sparsity,
         "steps": steps,
         "train_seconds": round(result.seconds, 1),
@@ -95,21 +96,26 @@ def prune_and_distill(args, paths: teacher_recipe.TeacherPaths, out: Path) -> di
 
 def ensure_student(args: argparse.Namespace) -> Path:
     """Run whatever of the student recipe is missing; return its ONNX path."""
-    from fastonnx.compress import resolve_block_shape
     from fastonnx.compress.schedule import check_sparsity
 
     check_sparsity(args.sparsity)
-    args.block_shape = resolve_block_shape(args.block_shape)
+    common.resolve_target_args(args)
     # The student's --force redoes the student only.
     paths = teacher_recipe.ensure_teacher(argparse.Namespace(**{**vars(args), "force": False}))
     out = student_dir(args)
     metrics_path = out / "metrics.json"
-    if common.needed(metrics_path, args.force):
+    force = args.force
+    if metrics_path.exists() and tuple(common.read_json(metrics_path)["block_shape"]) != tuple(
+        args.block_shape
+    ):
+        print(f"[student] {out} was pruned with another block shape: redoing it", flush=True)
+        force = True
+    if common.needed(metrics_path, force):
         common.write_json(metrics_path, prune_and_distill(args, paths, out))
     metrics = common.read_json(metrics_path)
     print(f"[student] dev accuracy {metrics['dev_accuracy']:.4f} at {args.sparsity:.0%}")
     onnx_path = out / "onnx" / "model.onnx"
-    if common.needed(onnx_path, args.force):
+    if common.needed(onnx_path, force):
         from transformers import AutoModelForSequenceClassification
 
         from fastonnx.compress import export_pruned
@@ -125,7 +131,16 @@ def ensure_student(args: argparse.Namespace) -> Path:
             print(f"[student] block sparsity in the ONNX file, {exported.exporter} exporter:")
             print(format_report(x.measured for x in exported.layers))
             sparsity = {x.layer: x.measured.sparsity for x in exported.layers}
-            common.write_json(tmp / "sparsity.json", {"block_shape": block, "layers": sparsity})
+            blocks = {x.layer: [x.measured.zero_blocks, x.measured.blocks] for x in exported.layers}
+            common.write_json(
+                tmp / "sparsity.json",
+                {
+                    "block_shape": block,
+                    "target": metrics.get("target"),
+                    "layers": sparsity,
+                    "zero_blocks": blocks,
+                },
+            )
     print(f"[student] {onnx_path}")
     return onnx_path
 
@@ -140,11 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         required=True,
         help="target block sparsity in [0, 1), e.g. 0.8 or 0.9",
     )
-    parser.add_argument(
-        "--block-shape",
-        default=None,
-        help="block RxC of the [out, in] weight (default: the local kernels' preferred one)",
-    )
+    common.add_target_args(parser)
     common.add_common_args(parser)
     return parser.parse_args(argv)
 

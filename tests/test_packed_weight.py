@@ -56,10 +56,13 @@ def _blob():
 
 
 def _reseal(blob: bytearray) -> bytearray:
-    """Recomputes the payload checksum, to test the structural checks behind it."""
+    """Recomputes the checksum (format 2: header with a zeroed checksum field, then payload), to
+    test the structural checks behind it."""
     import zlib
 
-    struct.pack_into("<I", blob, 32, zlib.crc32(bytes(blob[HEADER:])))
+    struct.pack_into("<I", blob, 32, 0)
+    crc = zlib.crc32(bytes(blob[HEADER:]), zlib.crc32(bytes(blob[:HEADER])))
+    struct.pack_into("<I", blob, 32, crc)
     return blob
 
 
@@ -70,7 +73,7 @@ def _reseal(blob: bytearray) -> bytearray:
         (lambda b: b[:-4], "truncated or corrupted"),
         (lambda b: b + b"\0\0\0\0", "truncated or corrupted"),
         (lambda b: b"XXXX" + b[4:], "bad magic"),
-        (lambda b: b[:4] + struct.pack("<H", 2) + b[6:], "newer than this fastonnx"),
+        (lambda b: b[:4] + struct.pack("<H", 3) + b[6:], "newer than this fastonnx"),
         (lambda b: b[:-1] + bytes([b[-1] ^ 0x40]), "checksum"),
         (lambda b: b[:16] + struct.pack("<II", 3, 3) + b[24:], "unsupported block shape"),
         (lambda b: b[:28] + struct.pack("<I", 1) + b[32:], "unknown flags"),

@@ -9,21 +9,33 @@
 namespace fastonnx {
 namespace {
 
-size_t align4(size_t x) { return (x + 3) & ~size_t{3}; }
+static_assert(sizeof(size_t) == 8, "blob offsets are computed in 64 bits");
+
+uint64_t align4(uint64_t x) { return (x + 3) & ~uint64_t{3}; }
 
 struct PayloadLayout {
-  size_t scale_off, row_ptr_off, col_idx_off, values_off, total;
+  uint64_t scale_off, row_ptr_off, col_idx_off, values_off, total;
 };
 
-PayloadLayout payload_layout(uint32_t n, uint32_t k, BlockShape b, uint32_t nnz) {
-  (void)k;
-  const size_t block_rows = (n + b.rows - 1) / b.rows;
+// The version-2 checksum: the header with its checksum field zeroed, then the payload.
+uint32_t blob_checksum(const BlobHeader& h, const uint8_t* payload, size_t payload_size) {
+  BlobHeader zeroed = h;
+  zeroed.payload_crc32 = 0;
+  uint8_t bytes[sizeof(BlobHeader)];
+  std::memcpy(bytes, &zeroed, sizeof(bytes));
+  return crc32(payload, payload_size, crc32(bytes, sizeof(bytes)));
+}
+
+// Every offset in 64 bits: callers bound n, k and nnz first, but the arithmetic must not wrap
+// even for the raw header values it is asked about.
+PayloadLayout payload_layout(uint64_t n, BlockShape b, uint64_t nnz) {
+  const uint64_t block_rows = (n + b.rows - 1) / b.rows;
   PayloadLayout l{};
   l.scale_off = 0;
-  l.row_ptr_off = l.scale_off + size_t{n} * sizeof(float);
+  l.row_ptr_off = l.scale_off + n * sizeof(float);
   l.col_idx_off = l.row_ptr_off + (block_rows + 1) * sizeof(uint32_t);
-  l.values_off = l.col_idx_off + size_t{nnz} * sizeof(uint32_t);
-  l.total = align4(l.values_off + size_t{nnz} * b.rows * b.cols);
+  l.values_off = l.col_idx_off + nnz * sizeof(uint32_t);
+  l.total = align4(l.values_off + nnz * b.rows * b.cols);
   return l;
 }
 
@@ -54,7 +66,24 @@ double PackedWeightView::block_sparsity() const {
   return total > 0 ? 1.0 - nnz_blocks / total : 0.0;
 }
 
-uint32_t crc32(const uint8_t* data, size_t size) {
+std::string shape_limit_error(uint64_t n, uint64_t k) {
+  if (n == 0 || k == 0) return "weight shape must be non-empty (N and K >= 1)";
+  if (n > kMaxN) {
+    return "N=" + std::to_string(n) + " output channels exceeds the limit of " +
+           std::to_string(kMaxN);
+  }
+  if (k > kMaxK) {
+    return "K=" + std::to_string(k) + " input features exceeds the limit of " +
+           std::to_string(kMaxK) + " (int32 accumulation is exact only up to there)";
+  }
+  if (n * k > kMaxElements) {
+    return "N*K=" + std::to_string(n * k) + " weights exceeds the limit of " +
+           std::to_string(kMaxElements);
+  }
+  return {};
+}
+
+uint32_t crc32(const uint8_t* data, size_t size, uint32_t crc_in) {
   static const std::array<uint32_t, 256> table = [] {
     std::array<uint32_t, 256> t{};
     for (uint32_t i = 0; i < 256; ++i) {
@@ -64,7 +93,7 @@ uint32_t crc32(const uint8_t* data, size_t size) {
     }
     return t;
   }();
-  uint32_t crc = 0xFFFFFFFFu;
+  uint32_t crc = crc_in ^ 0xFFFFFFFFu;
   for (size_t i = 0; i < size; ++i) crc = table[(crc ^ data[i]) & 0xFF] ^ (crc >> 8);
   return crc ^ 0xFFFFFFFFu;
 }
@@ -79,7 +108,9 @@ std::vector<uint8_t> pack_weight(const int8_t* w, uint32_t n, uint32_t k, const 
     throw std::invalid_argument("unsupported block shape " + shape_str(block) +
                                 " (accepted: " + accepted + ")");
   }
-  if (n == 0 || k == 0) throw std::invalid_argument("weight shape must be non-empty");
+  if (const std::string why = shape_limit_error(n, k); !why.empty()) {
+    throw std::invalid_argument(why);
+  }
   for (uint32_t i = 0; i < n; ++i) {
     if (!std::isfinite(scale[i]) || scale[i] < 0.f) {
       throw std::invalid_argument("weight scale[" + std::to_string(i) +
@@ -99,8 +130,8 @@ std::vector<uint8_t> pack_weight(const int8_t* w, uint32_t n, uint32_t k, const 
       bool any = false;
       for (uint32_t r = 0; r < block.rows; ++r) {
         for (uint32_t c = 0; c < block.cols; ++c) {
-          const uint32_t row = br * block.rows + r, col = bc * block.cols + c;
-          const int8_t v = (row < n && col < k) ? w[size_t{row} * k + col] : int8_t{0};
+          const uint64_t row = uint64_t{br} * block.rows + r, col = uint64_t{bc} * block.cols + c;
+          const int8_t v = (row < n && col < k) ? w[row * k + col] : int8_t{0};
           cell[size_t{r} * block.cols + c] = v;
           any |= v != 0;
         }
@@ -114,7 +145,7 @@ std::vector<uint8_t> pack_weight(const int8_t* w, uint32_t n, uint32_t k, const 
   }
 
   const uint32_t nnz = static_cast<uint32_t>(col_idx.size());
-  const PayloadLayout l = payload_layout(n, k, block, nnz);
+  const PayloadLayout l = payload_layout(n, block, nnz);
   std::vector<uint8_t> blob(sizeof(BlobHeader) + l.total, 0);
   uint8_t* payload = blob.data() + sizeof(BlobHeader);
   std::memcpy(payload + l.scale_off, scale, size_t{n} * sizeof(float));
@@ -132,7 +163,7 @@ std::vector<uint8_t> pack_weight(const int8_t* w, uint32_t n, uint32_t k, const 
   h.block_cols = block.cols;
   h.nnz_blocks = nnz;
   h.payload_bytes = l.total;
-  h.payload_crc32 = crc32(payload, l.total);
+  h.payload_crc32 = blob_checksum(h, payload, l.total);
   std::memcpy(blob.data(), &h, sizeof(h));
   return blob;
 }
@@ -150,23 +181,39 @@ PackedWeightView parse_packed_weight(const uint8_t* data, size_t size) {
          std::to_string(kBlobVersion) + "); upgrade fastonnx or re-run `fastonnx optimize`");
   }
   if (h.version == 0) fail("format version 0 is not valid");
-  if (h.header_bytes != sizeof(BlobHeader)) fail("header size mismatch");
-  if (h.flags != 0) fail("unknown flags " + std::to_string(h.flags));
+  if (h.header_bytes != sizeof(BlobHeader)) {
+    fail("header_bytes is " + std::to_string(h.header_bytes) + ", expected " +
+         std::to_string(sizeof(BlobHeader)));
+  }
+  if (h.flags != 0) fail("unknown flags " + std::to_string(h.flags) + " (must be 0)");
+  if (h.reserved != 0) fail("reserved field is " + std::to_string(h.reserved) + " (must be 0)");
   const BlockShape block{h.block_rows, h.block_cols};
   if (!is_supported_block_shape(block)) fail("unsupported block shape " + shape_str(block));
-  if (h.n == 0 || h.k == 0) fail("empty weight shape");
+  // Limits before any size arithmetic or allocation (see packed_weight.h).
+  if (const std::string why = shape_limit_error(h.n, h.k); !why.empty()) fail(why);
   const uint64_t max_blocks =
-      uint64_t{(h.n + block.rows - 1) / block.rows} * ((h.k + block.cols - 1) / block.cols);
-  if (h.nnz_blocks > max_blocks) fail("more stored blocks than the shape holds");
-  const PayloadLayout l = payload_layout(h.n, h.k, block, h.nnz_blocks);
-  if (h.payload_bytes != l.total || size != sizeof(BlobHeader) + l.total) {
-    fail("size is " + std::to_string(size) + " bytes, expected " +
-         std::to_string(sizeof(BlobHeader) + l.total) + " for N=" + std::to_string(h.n) +
-         ", K=" + std::to_string(h.k) + ", " + std::to_string(h.nnz_blocks) +
-         " blocks (truncated or corrupted?)");
+      ((uint64_t{h.n} + block.rows - 1) / block.rows) * ((uint64_t{h.k} + block.cols - 1) / block.cols);
+  if (h.nnz_blocks > max_blocks) {
+    fail(std::to_string(h.nnz_blocks) + " stored blocks, more than the " +
+         std::to_string(max_blocks) + " an N=" + std::to_string(h.n) + ", K=" +
+         std::to_string(h.k) + " weight holds");
+  }
+  const PayloadLayout l = payload_layout(h.n, block, h.nnz_blocks);
+  const std::string what = "N=" + std::to_string(h.n) + ", K=" + std::to_string(h.k) + ", " +
+                           std::to_string(h.nnz_blocks) + " blocks of " + shape_str(block);
+  if (h.payload_bytes != l.total) {
+    fail("header says payload_bytes=" + std::to_string(h.payload_bytes) + " but " + what +
+         " need " + std::to_string(l.total) + " (corrupted header?)");
+  }
+  if (size != sizeof(BlobHeader) + l.total) {
+    fail("blob is " + std::to_string(size) + " bytes, expected " +
+         std::to_string(sizeof(BlobHeader) + l.total) + " (48-byte header + " +
+         std::to_string(l.total) + "-byte payload for " + what + "; truncated or corrupted?)");
   }
   const uint8_t* payload = data + sizeof(BlobHeader);
-  if (crc32(payload, l.total) != h.payload_crc32) fail("checksum mismatch (corrupted data)");
+  const uint32_t crc =
+      h.version == 1 ? crc32(payload, l.total) : blob_checksum(h, payload, l.total);
+  if (crc != h.payload_crc32) fail("checksum mismatch (corrupted data)");
   // Fields are 4-byte aligned in the blob; ORT initializers are at least that aligned.
   if (reinterpret_cast<uintptr_t>(data) % 4 != 0) fail("blob is not 4-byte aligned in memory");
 
@@ -183,7 +230,10 @@ PackedWeightView parse_packed_weight(const uint8_t* data, size_t size) {
   // The checksum only proves the bytes are what the packer wrote; check the structure too, so
   // a hand-made blob cannot make a kernel read out of bounds.
   for (uint32_t i = 0; i < v.n; ++i) {
-    if (!std::isfinite(v.scale[i])) fail("scale[" + std::to_string(i) + "] is not finite");
+    if (!std::isfinite(v.scale[i]) || v.scale[i] < 0.f) {
+      fail("scale[" + std::to_string(i) + "] is " + std::to_string(v.scale[i]) +
+           " (must be finite and >= 0)");
+    }
   }
   const uint32_t brows = v.block_row_count(), bcols = v.block_col_count();
   if (v.row_ptr[0] != 0 || v.row_ptr[brows] != v.nnz_blocks) fail("row pointers out of range");
@@ -198,7 +248,8 @@ PackedWeightView parse_packed_weight(const uint8_t* data, size_t size) {
       const int8_t* cell = v.values + size_t{b} * block.rows * block.cols;
       for (uint32_t i = 0; i < block.rows; ++i) {
         for (uint32_t j = 0; j < block.cols; ++j) {
-          const bool outside = r * block.rows + i >= v.n || v.col_idx[b] * block.cols + j >= v.k;
+          const bool outside = uint64_t{r} * block.rows + i >= v.n ||
+                               uint64_t{v.col_idx[b]} * block.cols + j >= v.k;
           if (outside && cell[size_t{i} * block.cols + j] != 0) fail("non-zero padding");
         }
       }
@@ -215,8 +266,8 @@ std::vector<int8_t> unpack_weight(const PackedWeightView& v) {
       const int8_t* cell = v.values + size_t{i} * b.rows * b.cols;
       for (uint32_t y = 0; y < b.rows; ++y) {
         for (uint32_t x = 0; x < b.cols; ++x) {
-          const uint32_t row = r * b.rows + y, col = v.col_idx[i] * b.cols + x;
-          if (row < v.n && col < v.k) w[size_t{row} * v.k + col] = cell[size_t{y} * b.cols + x];
+          const uint64_t row = uint64_t{r} * b.rows + y, col = uint64_t{v.col_idx[i]} * b.cols + x;
+          if (row < v.n && col < v.k) w[row * v.k + col] = cell[size_t{y} * b.cols + x];
         }
       }
     }

@@ -1,8 +1,11 @@
 #include "sparse_linear_op.h"
 
+#include <algorithm>
 #include <climits>
+#include <limits>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -38,6 +41,32 @@ std::string shape_str(const std::vector<int64_t>& shape) {
 
 [[noreturn]] void fail(const std::string& op, const std::string& what) {
   throw std::invalid_argument(op + ": " + what);
+}
+
+// True when x[0..k) holds a NaN or an infinity: exactly the values whose bits without the sign
+// are >= 0x7f800000. A branch-free max, cloned per ISA so it runs at memory speed (it reads X
+// once more, next to the kernel's two passes over X for dynamic quantization).
+__attribute__((target_clones("avx512f", "avx2", "default"))) bool has_non_finite(const float* x,
+                                                                                int64_t k) {
+  int32_t high = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    int32_t bits;
+    std::memcpy(&bits, &x[i], sizeof(bits));
+    bits &= 0x7fffffff;
+    high = bits > high ? bits : high;
+  }
+  return high >= 0x7f800000;
+}
+
+// Quantizing X to uint8 maps NaN to 0 and infinities to the range's end, so the kernels alone
+// would return finite numbers for such rows. The float model gives NaN (or an infinity); the
+// op's rule (docs/operators.md): a row of X holding a NaN or an infinity gives a NaN row of Y
+// (float output) or a 0 row (uint8 output: requantizing NaN gives 0).
+template <class T>
+void poison_non_finite_rows(const float* x, int64_t m, int64_t k, int64_t n, T* y, T value) {
+  for (int64_t r = 0; r < m; ++r) {
+    if (has_non_finite(x + r * k, k)) std::fill(y + r * n, y + (r + 1) * n, value);
+  }
 }
 
 // Runs kernel tasks on ORT's intra-op thread pool.
@@ -140,8 +169,6 @@ class SparseLinearKernel {
       args.residual = r.GetTensorData<float>();
     }
     args.activation = activation_;
-
-    Ort::UnownedValue y = ctx.GetOutput(0, shape);
     if (quantized_output_) {
       Ort::ConstValue ys = input(kYScale);
       if (!ys) fail(name_, "y_scale is required");
@@ -149,11 +176,25 @@ class SparseLinearKernel {
       if (Ort::ConstValue zp = input(kYZeroPoint)) {
         args.y_zero_point = scalar<uint8_t>(zp, "y_zero_point", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
       }
+    }
+
+    Ort::UnownedValue y = ctx.GetOutput(0, shape);
+    // An empty batch (a zero leading dimension) gives an empty Y; ORT hands out no buffer for
+    // it, so the kernel (which wants one) is not called.
+    if (args.m == 0) return;
+    if (quantized_output_) {
       args.yq = y.GetTensorMutableData<uint8_t>();
     } else {
       args.y = y.GetTensorMutableData<float>();
     }
     kernel_->run(args, OrtRunner(context));
+    if (args.x) {
+      if (args.y) {
+        poison_non_finite_rows(args.x, args.m, k, n, args.y, std::numeric_limits<float>::quiet_NaN());
+      } else {
+        poison_non_finite_rows(args.x, args.m, k, n, args.yq, uint8_t{0});
+      }
+    }
   }
 
  private:
@@ -161,8 +202,12 @@ class SparseLinearKernel {
     const OrtApi& api = Ort::GetApi();
     size_t size = 0;
     OrtStatus* status = api.KernelInfoGetAttribute_string(info, "activation", nullptr, &size);
-    if (status != nullptr) {  // attribute absent
+    if (status != nullptr) {  // absent, or not a string
       api.ReleaseStatus(status);
+      if (const char* type = non_string_attribute_type(info, "activation")) {
+        throw std::invalid_argument(std::string("attribute 'activation' must be a string ('none' "
+                                                "or 'gelu'), got ") + type);
+      }
       return Activation::kNone;
     }
     std::string value(size, '\0');
@@ -170,7 +215,32 @@ class SparseLinearKernel {
     value.resize(std::strlen(value.c_str()));
     if (value == "none" || value.empty()) return Activation::kNone;
     if (value == "gelu") return Activation::kGelu;
-    throw std::invalid_argument("activation='" + value + "' is not one of: none, gelu");
+    throw std::invalid_argument("attribute activation='" + value + "' is not one of: none, gelu");
+  }
+
+  // The type of attribute `name` when it is present with a non-string type; null otherwise.
+  // (The C API reads attributes only by name and type, so each type is probed in turn.)
+  static const char* non_string_attribute_type(const OrtKernelInfo* info, const char* name) {
+    const OrtApi& api = Ort::GetApi();
+    auto present = [&](OrtStatus* s) {
+      if (s == nullptr) return true;
+      api.ReleaseStatus(s);
+      return false;
+    };
+    int64_t i = 0;
+    float f = 0.f;
+    if (present(api.KernelInfoGetAttribute_int64(info, name, &i))) return "an int";
+    if (present(api.KernelInfoGetAttribute_float(info, name, &f))) return "a float";
+    // ORT's array getters do not check the attribute type (an int list reads as an empty float
+    // list and the other way round), so the non-empty one tells.
+    size_t ints = 0, floats = 0;
+    const bool int_list = present(api.KernelInfoGetAttributeArray_int64(info, name, nullptr, &ints));
+    const bool float_list =
+        present(api.KernelInfoGetAttributeArray_float(info, name, nullptr, &floats));
+    if (ints > 0) return "a list of ints";
+    if (floats > 0) return "a list of floats";
+    if (int_list || float_list) return "a list";
+    return nullptr;
   }
 
   static std::string node_name(const Ort::ConstKernelInfo& ki) {
@@ -209,10 +279,12 @@ OrtStatusPtr guarded(F&& body, const char* what) noexcept {
     return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
   } catch (const std::invalid_argument& e) {
     return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+  } catch (const std::bad_alloc&) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string(what) + ": out of memory").c_str());
   } catch (const std::exception& e) {
     return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
   } catch (...) {
-    return Ort::GetApi().CreateStatus(ORT_FAIL, what);
+    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string(what) + ": unknown error").c_str());
   }
 }
 
@@ -223,12 +295,12 @@ OrtStatusPtr ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*,
         const auto* self = static_cast<const SparseLinearOp*>(op);
         *kernel = new SparseLinearKernel(info, self->quantized_output);
       },
-      "fastonnx: unknown error creating kernel");
+      "fastonnx: creating the kernel");
 }
 
 OrtStatusPtr ORT_API_CALL compute(void* kernel, OrtKernelContext* context) noexcept {
   return guarded([&] { static_cast<const SparseLinearKernel*>(kernel)->compute(context); },
-                 "fastonnx: unknown error in compute");
+                 "fastonnx: running the kernel");
 }
 
 void ORT_API_CALL destroy_kernel(void* kernel) noexcept {

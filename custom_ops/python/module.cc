@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <atomic>
+#include <chrono>
 #include <optional>
 #include <string>
 #include <thread>
@@ -14,6 +15,7 @@
 
 #include "../kernels/attention.h"
 #include "../kernels/cpu_features.h"
+#include "../kernels/kernel_manifest.h"
 #include "../kernels/linear.h"
 #include "../kernels/packed_weight.h"
 
@@ -83,10 +85,20 @@ BlockShape shape_arg(const std::pair<uint32_t, uint32_t>& s) { return BlockShape
 // A weight prepared for one kernel path; calls release the GIL.
 class PyLinear {
  public:
-  PyLinear(const py::buffer& blob, const std::optional<std::string>& isa) {
+  PyLinear(const py::buffer& blob, const std::optional<std::string>& isa,
+           const std::optional<std::string>& kernel) {
     const OwnedBlob owned(blob);
     const PackedWeightView view = owned.view();
-    kernel_ = make_linear_kernel(view, isa_arg(isa));
+    if (!kernel) {
+      kernel_ = make_linear_kernel(view, isa_arg(isa));
+      return;
+    }
+    if (isa) throw std::invalid_argument("give either isa or kernel, not both");
+    const KernelEntry* e = find_kernel(*kernel);
+    if (e == nullptr) throw std::invalid_argument("unknown kernel '" + *kernel + "'");
+    const std::string why = kernel_unavailable_reason(*e);
+    if (!why.empty()) throw std::invalid_argument("kernel " + *kernel + " cannot run here: " + why);
+    kernel_ = e->make(view);
   }
 
   py::array call(const py::array& x, const std::optional<Array<float>>& bias,
@@ -103,7 +115,7 @@ class PyLinear {
     args.m = x.size() / k;
     Array<float> xf;
     Array<uint8_t> xu;
-    if (x.dtype().is(py::dtype::of<uint8_t>())) {
+    if (x.dtype().equal(py::dtype::of<uint8_t>())) {
       xu = Array<uint8_t>::ensure(x);
       args.xq = xu.data();
     } else {
@@ -160,6 +172,28 @@ class PyLinear {
     return acc;
   }
 
+  // Per-call wall times (ns) of `runs` calls on one float input with a reused output: the kernel
+  // alone, without Python or ORT in the loop (for `fastonnx bench kernels --direct` and tuning).
+  std::vector<int64_t> time_calls(const Array<float>& x, int runs, int threads) const {
+    const int64_t k = kernel_->k();
+    if (x.ndim() != 2 || x.shape(1) != k) throw std::invalid_argument("x must be float32 [M, K]");
+    if (runs < 1) throw std::invalid_argument("runs must be >= 1");
+    std::vector<float> y(size_t(x.shape(0) * kernel_->n()));
+    LinearArgs args;
+    args.m = x.shape(0);
+    args.x = x.data();
+    args.y = y.data();
+    std::vector<int64_t> ns;
+    py::gil_scoped_release release;
+    const ThreadRunner runner(threads);
+    for (int i = 0; i < runs; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      kernel_->run(args, runner);
+      ns.push_back(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                       std::chrono::steady_clock::now() - t0).count());
+    }
+    return ns;
+  }
   std::string name() const { return kernel_->name(); }
   std::string isa() const { return isa_name(kernel_->isa()); }
   int64_t n() const { return kernel_->n(); }
@@ -310,9 +344,25 @@ PYBIND11_MODULE(_native, m) {
   }, py::arg("isa") = py::none(),
      "The block shape the kernels of this machine (or of `isa`) exploit best.");
 
-  m.def("pack_weight", [](const Array<int8_t>& w, const Array<float>& scale,
+  m.def("pack_weight", [](const py::array& w_any, const py::array& scale_any,
                           std::pair<uint32_t, uint32_t> block) {
+    // Exact dtypes: a cast would silently change the weights (int 1000 becomes int8 -24).
+    if (!w_any.dtype().equal(py::dtype::of<int8_t>())) {
+      throw std::invalid_argument("w must be int8 [N, K], got dtype " +
+                                  std::string(py::str(w_any.dtype())) + " (quantize it first)");
+    }
+    if (!scale_any.dtype().equal(py::dtype::of<float>())) {
+      throw std::invalid_argument("scale must be float32 [N], got dtype " +
+                                  std::string(py::str(scale_any.dtype())));
+    }
+    const auto w = Array<int8_t>::ensure(w_any);  // C-contiguous, same dtype: no value changes
+    const auto scale = Array<float>::ensure(scale_any);
     if (w.ndim() != 2) throw std::invalid_argument("w must be int8 [N, K]");
+    // Check the limits on the full 64-bit shape, before it is narrowed to the format's uint32.
+    if (const std::string why = shape_limit_error(uint64_t(w.shape(0)), uint64_t(w.shape(1)));
+        !why.empty()) {
+      throw std::invalid_argument(why);
+    }
     const auto n = uint32_t(w.shape(0)), k = uint32_t(w.shape(1));
     if (scale.ndim() != 1 || scale.shape(0) != py::ssize_t(n)) {
       throw std::invalid_argument("scale must be float32 [N] with N=" + std::to_string(n));
@@ -352,9 +402,44 @@ PYBIND11_MODULE(_native, m) {
   });
   m.attr("FORMAT_VERSION") = kBlobVersion;
 
+  m.def("kernels", [] {
+    py::list out;
+    for (const KernelEntry& e : kernel_manifest()) {
+      py::dict d;
+      d["name"] = e.name;
+      d["isa"] = isa_name(e.isa);
+      d["requires_isa"] = isa_name(e.requires_isa);
+      d["emulated"] = e.emulated;
+      d["sparse"] = e.sparse;
+      d["block_shape"] = shape_tuple(e.block);
+      d["scheme"] = e.scheme;
+      d["unavailable_reason"] = kernel_unavailable_reason(e);
+      out.append(d);
+    }
+    return out;
+  }, "The kernel manifest: every linear kernel, with why it cannot run here (empty if it can).");
+  m.def("weight_stats", [](const py::buffer& blob) {
+    const OwnedBlob owned(blob);
+    const WeightStats s = weight_stats(owned.view());
+    py::dict d;
+    d["n"] = s.n;
+    d["k"] = s.k;
+    d["groups_1x4"] = s.groups_1x4;
+    d["blocks_16x4"] = s.blocks_16x4;
+    d["chunks_16x4"] = s.chunks_16x4;
+    d["gathered_chunks"] = s.gathered_chunks;
+    py::dict costs;
+    for (const KernelEntry& e : kernel_manifest()) costs[e.name] = e.cost_us(s);
+    d["cost_us"] = costs;
+    return d;
+  }, "What the kernel choice depends on for this weight, and each kernel's estimated cost.");
+
   py::class_<PyLinear>(m, "Linear", "A packed weight prepared for one kernel path.")
-      .def(py::init<const py::buffer&, const std::optional<std::string>&>(), py::arg("blob"),
-           py::arg("isa") = py::none())
+      .def(py::init<const py::buffer&, const std::optional<std::string>&,
+                    const std::optional<std::string>&>(),
+           py::arg("blob"), py::arg("isa") = py::none(), py::arg("kernel") = py::none(),
+           "Prepares the weight for the kernel the manifest chooses, for one path (`isa`), or "
+           "for one kernel by name (`kernel`).")
       .def("__call__", &PyLinear::call, py::arg("x"), py::arg("bias") = py::none(),
            py::arg("x_scale") = py::none(), py::arg("x_zero_point") = 0,
            py::arg("residual") = py::none(), py::arg("activation") = "none",
@@ -362,6 +447,8 @@ PYBIND11_MODULE(_native, m) {
            "Y = act(dequant(quant(x) @ W^T) + bias) + residual; uint8 Y when y_scale is given.")
       .def("accumulate", &PyLinear::accumulate, py::arg("xq"), py::arg("threads") = 1,
            "Raw int32 xq @ W^T (no zero-point compensation).")
+      .def("time_calls", &PyLinear::time_calls, py::arg("x"), py::arg("runs"),
+           py::arg("threads") = 1, "Wall time (ns) of each of `runs` calls on float x [M, K].")
       .def_property_readonly("name", &PyLinear::name)
       .def_property_readonly("isa", &PyLinear::isa)
       .def_property_readonly("n", &PyLinear::n)

@@ -150,6 +150,13 @@ def kernels_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=10, help="warm-up calls per variant (10)")
     p.add_argument("--runs", type=int, default=50, help="timed calls per variant (50)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--kernels",
+        nargs="+",
+        metavar="NAME",
+        help="time these manifest kernels side by side (`all`: every one this CPU runs; "
+        "default: the one the op chooses); `fastonnx info` lists them",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p
 
@@ -175,8 +182,21 @@ def run_kernels(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    names = args.kernels
+    if names == ["all"]:
+        names = kernels.runnable_kernels()
+    elif names:
+        unknown = sorted(set(names) - set(kernels.runnable_kernels()))
+        if unknown:
+            print(
+                f"fastonnx bench kernels: cannot run {', '.join(unknown)} here "
+                f"(runnable: {', '.join(kernels.runnable_kernels())})",
+                file=sys.stderr,
+            )
+            return 2
     rows = kernels.run(
         models=args.models,
+        kernels=names,
         sparsities=args.sparsity,
         m=args.rows,
         block=args.block,

@@ -13,7 +13,8 @@ def add_parser(subparsers) -> None:
         help="show versions, the custom-op library, CPU features and chosen kernels",
         description="Show fastonnx's and ONNX Runtime's versions, the custom-op library path, "
         "the CPU features detected, and which kernel path each operator will use here "
-        "(FASTONNX_ISA=amx|avx512_vnni|avx2|ref forces one).",
+        "(FASTONNX_ISA=amx|avx512_vnni|avx2|ref forces a path, FASTONNX_KERNEL=<name> one "
+        "kernel of the manifest).",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
@@ -58,6 +59,7 @@ def collect() -> dict:
         "best_path": forced or _native.best_isa(),
         "preferred_block_shape": list(_native.preferred_block_shape(forced)),
         "supported_block_shapes": [list(b) for b in _native.supported_block_shapes()],
+        "kernel_manifest": _native.kernels(),
         "ops": {
             "com.fastonnx::SparseLinear": kernels,
             "com.fastonnx::SparseLinearU8": kernels,
@@ -88,6 +90,11 @@ def format_report(info: dict) -> str:
     block = "x".join(map(str, info["preferred_block_shape"]))
     accepted = ", ".join("x".join(map(str, b)) for b in info["supported_block_shapes"])
     lines.append(f"block shape   {block} preferred (accepted: {accepted})")
+    lines.append("kernels       (FASTONNX_KERNEL=<name> forces one)")
+    for k in info["kernel_manifest"]:
+        block = "x".join(map(str, k["block_shape"]))
+        state = k["unavailable_reason"] or "runs here" + (", for tests" if k["emulated"] else "")
+        lines.append(f"  {k['name']:<31} {block:>5}  {k['scheme']} [{state}]")
     for op, kernels in info["ops"].items():
         for label, name in kernels.items():
             lines.append(f"{op:<28} {label:<11} -> {name}")
