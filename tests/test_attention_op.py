@@ -283,13 +283,14 @@ def test_ort_op_without_mask_and_with_scale():
 
 @pytest.mark.parametrize("isa", _native.all_isas())
 def test_forced_isa_selects_the_attention_path(isa, monkeypatch):
-    """FASTONNX_ISA=ref|avx2 runs the fp32 reference path, avx512_vnni|amx the bf16 path."""
+    """FASTONNX_ISA=ref|avx2 runs the fp32 reference path, avx512_vnni the AVX-512 BF16 path,
+    amx the AMX-BF16 path."""
     monkeypatch.setenv("FASTONNX_ISA", isa)
     b, s, n, h = 2, 21, 2, 32
     q, k, v = qkv(b, s, n * h, seed=9)
     mask = padding_mask(b, s, [21, 0])
     model = build_model(num_heads=n, d=n * h, mask_shape=[b, 1, 1, s])
-    path = "ref" if isa in ("ref", "avx2") else "avx512_bf16"
+    path = {"ref": "ref", "avx2": "ref", "avx512_vnni": "avx512_bf16", "amx": "amx_bf16"}[isa]
     reason = _native.isa_unavailable_reason(isa) or _native.attention_path_unavailable_reason(path)
     if reason:
         with pytest.raises(Exception, match="cannot run here"):
@@ -352,3 +353,11 @@ def test_ort_sequence_beyond_limit_is_invalid_argument():
 def test_ort_missing_num_heads_fails_session_creation():
     with pytest.raises(Exception, match="num_heads \\(int\\) is required"):
         session(build_model(num_heads=None, d=64))
+
+
+def test_info_names_the_attention_kernel(capsys):
+    from fastonnx.cli import main
+
+    assert main(["info"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "::Attention" in line]
+    assert len(lines) == 1 and lines[0].endswith(_native.attention_kernel_name()), lines

@@ -8,6 +8,7 @@ const char* attention_path_name(AttentionPath path) {
   switch (path) {
     case AttentionPath::kRef: return "ref";
     case AttentionPath::kAvx512Bf16: return "avx512_bf16";
+    case AttentionPath::kAmxBf16: return "amx_bf16";
   }
   return "?";
 }
@@ -16,12 +17,13 @@ const char* attention_kernel_name(AttentionPath path) {
   switch (path) {
     case AttentionPath::kRef: return "f32_attention__ref";
     case AttentionPath::kAvx512Bf16: return "bf16_attention_8x32__avx512_bf16";
+    case AttentionPath::kAmxBf16: return "bf16_attention_16x32__amx_bf16";
   }
   return "?";
 }
 
 std::vector<AttentionPath> all_attention_paths() {
-  return {AttentionPath::kRef, AttentionPath::kAvx512Bf16};
+  return {AttentionPath::kRef, AttentionPath::kAvx512Bf16, AttentionPath::kAmxBf16};
 }
 
 std::optional<AttentionPath> parse_attention_path(const std::string& name) {
@@ -39,6 +41,10 @@ std::string attention_path_unavailable_reason(AttentionPath path) {
       return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512_vnni && f.avx512_bf16
                  ? ""
                  : "this CPU (or OS) lacks AVX-512 BW/VL/DQ/VNNI with AVX512_BF16";
+    case AttentionPath::kAmxBf16:
+      if (!(f.amx_tile && f.amx_bf16)) return "this CPU (or OS) lacks AMX-BF16";
+      if (!f.amx_os_permitted) return "the OS refused AMX tile-data permission (arch_prctl)";
+      return attention_path_unavailable_reason(AttentionPath::kAvx512Bf16);
   }
   return "unknown attention path";
 }
@@ -55,8 +61,8 @@ AttentionPath attention_path_for_isa(Isa isa) {
   switch (isa) {
     case Isa::kRef:
     case Isa::kAvx2: return AttentionPath::kRef;
-    case Isa::kAvx512Vnni:
-    case Isa::kAmx: return AttentionPath::kAvx512Bf16;
+    case Isa::kAvx512Vnni: return AttentionPath::kAvx512Bf16;
+    case Isa::kAmx: return AttentionPath::kAmxBf16;
   }
   return AttentionPath::kRef;
 }
@@ -137,8 +143,9 @@ void run_attention(const AttentionArgs& args, AttentionPath path, const Runner& 
   if (args.batch == 0 || args.seq == 0) return;
   if (!args.y) throw std::invalid_argument("Attention: missing output");
   using HeadFn = void (*)(const AttentionArgs&, const attention_detail::Task&);
-  const HeadFn head = path == AttentionPath::kRef ? attention_detail::head_ref
-                                                  : attention_detail::head_avx512_bf16;
+  const HeadFn head = path == AttentionPath::kRef          ? attention_detail::head_ref
+                      : path == AttentionPath::kAvx512Bf16 ? attention_detail::head_avx512_bf16
+                                                           : attention_detail::head_amx_bf16;
   auto body = [&](size_t i) { head(args, attention_detail::task_of(args, int64_t(i))); };
   run_tasks(runner, size_t(args.batch * args.heads), body);
 }

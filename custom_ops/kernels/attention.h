@@ -32,7 +32,7 @@ constexpr int64_t kMaxAttentionHeads = 1024;
 constexpr int64_t kMaxAttentionHeadSize = 512;
 
 // Attention kernel paths, portable first.
-enum class AttentionPath { kRef = 0, kAvx512Bf16 = 1 };
+enum class AttentionPath { kRef = 0, kAvx512Bf16 = 1, kAmxBf16 = 2 };
 
 const char* attention_path_name(AttentionPath path);
 // The kernel's full name, e.g. "bf16_attention_8x32__avx512_bf16".
@@ -42,7 +42,7 @@ std::string attention_path_unavailable_reason(AttentionPath path);
 std::vector<AttentionPath> all_attention_paths();
 std::vector<AttentionPath> available_attention_paths();
 // The attention path of a linear-kernel ISA level, which FASTONNX_ISA names: ref and avx2 ->
-// ref (there is no AVX2 attention kernel), avx512_vnni and amx -> avx512_bf16.
+// ref (there is no AVX2 attention kernel), avx512_vnni -> avx512_bf16, amx -> amx_bf16.
 AttentionPath attention_path_for_isa(Isa isa);
 // FASTONNX_ISA's attention path if set, else the best available. Throws std::invalid_argument
 // when the forced path cannot run here.
@@ -80,6 +80,7 @@ struct Task {
 Task task_of(const AttentionArgs& args, int64_t task);
 void head_ref(const AttentionArgs& args, const Task& t);
 void head_avx512_bf16(const AttentionArgs& args, const Task& t);
+void head_amx_bf16(const AttentionArgs& args, const Task& t);
 }  // namespace attention_detail
 
 }  // namespace fastonnx

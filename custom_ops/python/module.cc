@@ -206,7 +206,7 @@ class PyLinear {
 std::optional<AttentionPath> attention_path_arg(const std::optional<std::string>& name) {
   if (!name || *name == "auto") return std::nullopt;
   const auto path = parse_attention_path(*name);
-  if (!path) throw std::invalid_argument("unknown attention path '" + *name + "' (avx512_bf16, ref)");
+  if (!path) throw std::invalid_argument("unknown attention path '" + *name + "' (amx_bf16, avx512_bf16, ref)");
   return path;
 }
 
@@ -327,7 +327,7 @@ PYBIND11_MODULE(_native, m) {
         py::arg("scale") = py::none(), py::arg("path") = py::none(), py::arg("threads") = 1,
         "softmax(q k^T * scale + mask) v per head (com.fastonnx::Attention's kernel); k=v=None "
         "reads q as packed [B, S, 3D] = [Q | K | V]. path: None (FASTONNX_ISA or best), "
-        "'ref' or 'avx512_bf16'.");
+        "'ref', 'avx512_bf16' or 'amx_bf16'.");
   m.def("best_isa", [] { return std::string(isa_name(best_isa())); });
   m.def("forced_isa", [] {
     const auto isa = forced_isa_from_env();

@@ -1,12 +1,14 @@
 """`fastonnx bench kernels`: the sparse INT8 linear op against ORT's fp32 MatMul and int8
-DynamicQuantizeMatMul on the same shapes, each as a one-node ORT session, interleaved.
+DynamicQuantizeMatMul on the same shapes, and fastonnx's Attention op against ORT's
+MultiHeadAttention, each as a one-node ORT session, interleaved.
 
 Every session runs through an IOBinding with pre-allocated input and output, so the figures are
 the operators' own (a plain `run` would add a fresh NumPy output array, and its page faults, to
 every call alike). The fastonnx rows are the kernel the op chooses here, or with ``kernels``
 every kernel of the manifest (`_native.kernels()`) this CPU runs, forced by FASTONNX_KERNEL.
 
-Dimensions: M rows (batch x sequence), K input features, N output features.
+Dimensions: M rows (batch x sequence), K input features, N output features; for attention,
+S sequence, N heads, H head size (batch 1).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ SHAPES = {
     ],
 }
 DEFAULT_SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95)
+# (heads N, head size H) of each model's self-attention.
+ATTENTION_SHAPES = {"minilm": (12, 32), "distilbert": (12, 64)}
+DEFAULT_ATTENTION_SEQ = (128, 384)
 _IR_VERSION = 10  # ORT 1.31 loads IR <= 13; onnx would otherwise write its newest
 
 
@@ -229,6 +234,128 @@ def run(
     return rows
 
 
+@dataclass
+class AttentionRow:
+    model: str
+    s: int
+    heads: int
+    head_size: int
+    kernel: str
+    mha: Timing  # com.microsoft::MultiHeadAttention with a [1, 1, S, S] attention_bias
+    fastonnx: Timing  # com.fastonnx::Attention with the [1, 1, 1, S] mask the optimizer feeds it
+    cosine: float  # fastonnx's output against a float64 reference
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["speedup_vs_mha"] = self.mha.median_ms / self.fastonnx.median_ms
+        return d
+
+
+def attention_reference(q, k, v, heads: int) -> np.ndarray:
+    """softmax(Q K^T / sqrt(H)) V in float64 for [1, S, D] inputs."""
+    s, d = q.shape[1:]
+    h = d // heads
+
+    def split(x):
+        return x.reshape(s, heads, h).transpose(1, 0, 2).astype(np.float64)
+
+    scores = split(q) @ split(k).transpose(0, 2, 1) / np.sqrt(h)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return (p @ split(v)).transpose(1, 0, 2).reshape(1, s, d)
+
+
+def build_attention_sessions(s: int, heads: int, d: int, threads: int):
+    import onnxruntime as ort
+
+    def model(op: str, domain: str, names: list[str], mask_s: int) -> bytes:
+        inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, s, d]) for x in "qkv"]
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, mask_s, s]))
+        node = helper.make_node(op, names, ["y"], domain=domain, num_heads=heads)
+        graph = helper.make_graph(
+            [node],
+            "bench",
+            inputs,
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, s, d])],
+        )
+        opsets = [helper.make_opsetid("", 17), helper.make_opsetid(domain, 1)]
+        proto = helper.make_model(graph, opset_imports=opsets)
+        proto.ir_version = _IR_VERSION
+        return proto.SerializeToString()
+
+    plain = ort.SessionOptions()
+    plain.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    mha = model("MultiHeadAttention", "com.microsoft", ["q", "k", "v", "", "", "mask"], s)
+    ours = model("Attention", OP_DOMAIN, ["q", "k", "v", "mask"], 1)
+    return [
+        ort.InferenceSession(mha, plain, providers=providers),
+        ort.InferenceSession(ours, session_options(threads), providers=providers),
+    ]
+
+
+def _bound_attention(session, feeds: dict[str, np.ndarray]):
+    """A no-argument callable running `session` with bound inputs and a reused output."""
+    q = feeds["q"]
+    y = np.empty(q.shape, dtype=np.float32)
+    io = session.io_binding()
+    for name, value in feeds.items():
+        io.bind_cpu_input(name, value)
+    io.bind_output("y", "cpu", 0, np.float32, list(y.shape), y.ctypes.data)
+    return lambda y=y: session.run_with_iobinding(io)
+
+
+def run_attention(
+    models=("minilm", "distilbert"),
+    seqs=DEFAULT_ATTENTION_SEQ,
+    threads: int = 1,
+    warmup: int = 10,
+    runs: int = 50,
+    seed: int = 0,
+    progress=None,
+) -> list[AttentionRow]:
+    """fastonnx's Attention against ORT's MultiHeadAttention, batch 1, no padding."""
+    from fastonnx import _native
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    jobs = [(mod, s) for mod in models for s in seqs]
+    for i, (model, s) in enumerate(jobs):
+        heads, h = ATTENTION_SHAPES[model]
+        d = heads * h
+        q, k, v = (rng.standard_normal((1, s, d), dtype=np.float32) for _ in range(3))
+        mha, ours = build_attention_sessions(s, heads, d, threads)
+        feeds_mha = {"q": q, "k": k, "v": v, "mask": np.zeros((1, 1, s, s), np.float32)}
+        feeds_ours = {**feeds_mha, "mask": np.zeros((1, 1, 1, s), np.float32)}
+        calls = [_bound_attention(mha, feeds_mha), _bound_attention(ours, feeds_ours)]
+        t = time_interleaved(calls, warmup=warmup, runs=runs)
+        y = ours.run(None, feeds_ours)[0].astype(np.float64).ravel()
+        ref = attention_reference(q, k, v, heads).ravel()
+        cosine = float(y @ ref / (np.linalg.norm(y) * np.linalg.norm(ref)))
+        kernel = _native.attention_kernel_name()
+        rows.append(AttentionRow(model, s, heads, h, kernel, *t, cosine))
+        if progress:
+            progress(i + 1, len(jobs), rows[-1])
+    return rows
+
+
+def format_attention_table(rows: list[AttentionRow]) -> str:
+    head = (
+        f"{'model':<10} {'S':>4} {'NxH':>6} | {'ORT MHA':>16} | {'fastonnx':>16} | "
+        f"{'vs MHA':>6} | {'cosine':>8} | kernel"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        mha = f"{r.mha.median_ms:7.3f}/{r.mha.p90_ms:7.3f}"
+        ours = f"{r.fastonnx.median_ms:7.3f}/{r.fastonnx.p90_ms:7.3f}"
+        lines.append(
+            f"{r.model:<10} {r.s:>4} {f'{r.heads}x{r.head_size}':>6} | {mha:>16} | {ours:>16} | "
+            f"{r.mha.median_ms / r.fastonnx.median_ms:5.2f}x | {r.cosine:.6f} | {r.kernel}"
+        )
+    lines.append("times: median/p90 ms per call (batch 1); cosine: fastonnx against float64")
+    return "\n".join(lines)
+
+
 def environment(threads: int) -> dict:
     import onnxruntime as ort
 
@@ -279,8 +406,15 @@ def format_table(rows: list[KernelRow]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str, rows: list[KernelRow], env: dict) -> None:
+def write_json(
+    path: str, rows: list[KernelRow], env: dict, attention: list[AttentionRow] = ()
+) -> None:
     tmp = f"{path}.tmp"
+    data = {
+        "environment": env,
+        "rows": [r.as_dict() for r in rows],
+        "attention_rows": [r.as_dict() for r in attention],
+    }
     with open(tmp, "w") as f:
-        json.dump({"environment": env, "rows": [r.as_dict() for r in rows]}, f, indent=2)
+        json.dump(data, f, indent=2)
     os.replace(tmp, path)

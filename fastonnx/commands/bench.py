@@ -107,14 +107,15 @@ def _sparsity(text: str) -> float:
 
 
 def kernels_parser() -> argparse.ArgumentParser:
-    from fastonnx.bench.kernels import DEFAULT_SPARSITIES, SHAPES
+    from fastonnx.bench.kernels import DEFAULT_ATTENTION_SEQ, DEFAULT_SPARSITIES, SHAPES
 
     p = argparse.ArgumentParser(
         prog="fastonnx bench kernels",
         description="Times the sparse INT8 linear op against ORT's fp32 MatMul and int8 "
         "DynamicQuantizeMatMul (com.microsoft) on the linear-layer shapes of MiniLM-L6 and "
         "DistilBERT, each as a one-node ORT session, interleaved round by round after a "
-        "warm-up; it prints median and p90 per call and the speed-up ratios.",
+        "warm-up; it prints median and p90 per call and the speed-up ratios. Then fastonnx's "
+        "Attention op against ORT's MultiHeadAttention on the models' head shapes.",
     )
     p.add_argument(
         "--models",
@@ -136,6 +137,14 @@ def kernels_parser() -> argparse.ArgumentParser:
         type=_block,
         default=None,
         help="block shape RxC of the pruned weight (default: this CPU's preferred shape)",
+    )
+    p.add_argument(
+        "--attention-seq",
+        nargs="*",
+        type=int,
+        default=list(DEFAULT_ATTENTION_SEQ),
+        metavar="S",
+        help="sequence lengths of the attention rows (default: %(default)s; none: no rows)",
     )
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     p.add_argument("--warmup", type=int, default=10, help="warm-up calls per variant (10)")
@@ -198,8 +207,19 @@ def run_kernels(args: argparse.Namespace) -> int:
         progress=progress,
     )
     print(kernels.format_table(rows))
+    attention = []
+    if args.attention_seq:
+        attention = kernels.run_attention(
+            models=args.models,
+            seqs=args.attention_seq,
+            threads=args.threads,
+            warmup=args.warmup,
+            runs=args.runs,
+            seed=args.seed,
+        )
+        print(kernels.format_attention_table(attention))
     if args.json:
-        kernels.write_json(args.json, rows, env)
+        kernels.write_json(args.json, rows, env, attention)
         print(f"wrote {args.json}")
     return 0
 

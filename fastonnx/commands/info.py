@@ -33,7 +33,12 @@ def collect() -> dict:
         forced = _native.forced_isa()
     except ValueError as exc:
         forced_error = str(exc)
-    kernels = {}
+    kernels, attention = {}, {}
+    if forced_error is None:
+        try:
+            attention = {"any": _native.attention_kernel_name()}
+        except ValueError as exc:  # FASTONNX_ISA selects an attention path this CPU lacks
+            forced_error = str(exc)
     if forced_error is None:
         # The kernel a dense and a 90%-sparse weight of the preferred shape would get.
         block = tuple(_native.preferred_block_shape(forced))
@@ -61,6 +66,11 @@ def collect() -> dict:
         "ops": {
             "com.fastonnx::SparseLinear": kernels,
             "com.fastonnx::SparseLinearU8": kernels,
+            "com.fastonnx::Attention": attention,
+        },
+        "attention_paths": {
+            p: _native.attention_path_unavailable_reason(p) or "available"
+            for p in _native.attention_paths()
         },
     }
 
@@ -73,6 +83,8 @@ def format_report(info: dict) -> str:
         f"library       {info['library']}",
         f"cpu           {info['cpu_vendor']}: {' '.join(on) or '(no SIMD extensions used)'}",
         "kernel paths  " + ", ".join(f"{isa} ({why})" for isa, why in info["kernel_paths"].items()),
+        "attention     "
+        + ", ".join(f"{path} ({why})" for path, why in info["attention_paths"].items()),
         f"FASTONNX_ISA  {info['FASTONNX_ISA'] or '(unset: automatic)'}",
     ]
     accepted = ", ".join("x".join(map(str, b)) for b in info["supported_block_shapes"])
