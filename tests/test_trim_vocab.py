@@ -7,6 +7,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+import tiny_tokenizer
 from encoders import VOCAB, Combo
 from onnx import TensorProto, helper
 
@@ -16,27 +17,6 @@ from fastonnx.passes.trim_vocab import TrimVocabError, coverage, trim_for_corpus
 
 transformers = pytest.importorskip("transformers")
 
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-WORDS = [
-    "the",
-    "a",
-    "movie",
-    "film",
-    "plot",
-    "actor",
-    "story",
-    "is",
-    "was",
-    "not",
-    "very",
-    "good",
-    "bad",
-    "long",
-    "dull",
-    "and",
-    "but",
-    "it",
-]
 CORPUS = ["the movie was very good", "but the plot was long and dull", "it is not a film"]
 
 
@@ -46,13 +26,7 @@ def tiny_bert(encoder_exports):
 
 
 def make_tokenizer(tmp_path, size=VOCAB):
-    """A WordPiece tokenizer with `size` tokens: specials, the words, then fillers."""
-    tokens = SPECIAL + WORDS + [f"filler{i}" for i in range(size - len(SPECIAL) - len(WORDS))]
-    vocab = tmp_path / f"vocab{size}.txt"
-    vocab.write_text("\n".join(tokens) + "\n")
-    folder = tmp_path / f"tokenizer{size}"
-    transformers.BertTokenizerFast(str(vocab)).save_pretrained(folder)
-    return transformers.AutoTokenizer.from_pretrained(folder), folder
+    return tiny_tokenizer.make_tokenizer(tmp_path, size)
 
 
 def run(model, ids):
@@ -70,7 +44,9 @@ def test_trimmed_model_equals_original_on_kept_ids(tiny_bert, tmp_path):
     model = load_model(tiny_bert)
     report = trim_for_corpus(model, tokenizer, CORPUS)
     kept = set(report.kept.tolist())
-    assert {tokenizer.convert_tokens_to_ids(t) for t in SPECIAL} <= kept  # specials survive
+    assert {
+        tokenizer.convert_tokens_to_ids(t) for t in tiny_tokenizer.SPECIAL
+    } <= kept  # specials survive
     used = {i for ids in tokenizer(CORPUS)["input_ids"] for i in ids}
     assert used <= kept and report.vocab_after == len(kept) < report.vocab_before == VOCAB
     assert report.params_after < report.params_before
