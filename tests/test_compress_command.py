@@ -141,7 +141,8 @@ def test_labeled_end_to_end_from_a_bare_encoder(inputs, tmp_path):
     assert len(report["layers"]) == ENCODER_LINEARS
     for name, layer in report["layers"].items():
         assert layer["zero_blocks"] == round(0.5 * layer["blocks"]), name
-    assert report["lowered_layers"] == ENCODER_LINEARS
+    # Every pruned layer; on AVX-512 / AMX CPUs the dense head too (--min-sparsity auto).
+    assert report["lowered_layers"] >= ENCODER_LINEARS
     assert "| student (fastonnx sparse int8) |" in (out / "report.md").read_text()
 
 
@@ -157,7 +158,8 @@ def test_embedding_mode_on_unlabeled_sentences(inputs, tmp_path):
     assert set(cos) == {"student (PyTorch fp32)", "student (fastonnx sparse int8)"}
     assert all(-1.0 <= v["min"] <= v["mean"] <= 1.0 for v in cos.values())
     assert len(report["layers"]) == ENCODER_LINEARS
-    assert report["lowered_layers"] == ENCODER_LINEARS
+    # Every pruned layer; on AVX-512 / AMX CPUs the dense head too (--min-sparsity auto).
+    assert report["lowered_layers"] >= ENCODER_LINEARS
     assert (out / "student" / "config.json").exists() and not (out / "teacher").exists()
     assert "mean cosine to teacher" in (out / "report.md").read_text()
 
