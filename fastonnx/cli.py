@@ -16,6 +16,7 @@ _COMMANDS = {
     "optimize": "fastonnx.commands.optimize",
     "bench": "fastonnx.commands.bench",
     "compress": "fastonnx.commands.compress",
+    "package": "fastonnx.commands.package",
 }
 
 
