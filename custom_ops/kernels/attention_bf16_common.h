@@ -103,10 +103,10 @@ FASTONNX_AVX512_BF16 static inline bool gather_mask(const float* m, const int32_
   return nonzero == 0;
 }
 
-// 2^z for finite z <= 0 where bf16 accuracy suffices (relative error <= 7.8e-5 against bf16's
+// 2^z for finite z < 127 where bf16 accuracy suffices (relative error <= 7.8e-5 against bf16's
 // 3.9e-3): a cubic on the fraction in [-1/2, 1/2], scaled by 2^round(z) (which underflows to 0
 // far below). -inf needs exp2_nonpositive_masked.
-FASTONNX_AVX512_BF16 static inline __m512 exp2_nonpositive(__m512 z) {
+FASTONNX_AVX512_BF16 static inline __m512 exp2_approx(__m512 z) {
   const __m512 n = _mm512_roundscale_ps(z, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(z, n);
   // Least-squares fit (relative error) on Chebyshev nodes of [-1/2, 1/2].
@@ -120,7 +120,7 @@ FASTONNX_AVX512_BF16 static inline __m512 exp2_nonpositive(__m512 z) {
 // The same where z may be -inf (a skipped key): exactly 0 there and below -126.
 FASTONNX_AVX512_BF16 static inline __m512 exp2_nonpositive_masked(__m512 z) {
   const __mmask16 live = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
-  return _mm512_maskz_mov_ps(live, exp2_nonpositive(_mm512_maskz_mov_ps(live, z)));
+  return _mm512_maskz_mov_ps(live, exp2_approx(_mm512_maskz_mov_ps(live, z)));
 }
 
 // One task's packed keys and per-block buffers.
@@ -284,6 +284,30 @@ FASTONNX_AVX512_BF16 static inline void softmax_rows(const AttentionArgs& a, con
       gather_mask(t.mask + (s0 + r) * t.mask_row_stride, w.idx, w.tc, tcp, w.mrow);
     }
     float* x = w.sc + r * tcp;
+    if (!add_mask) {
+      // The kept keys' scores are finite: 2^x directly, without a max pass, unless that
+      // overflows or underflows, which the sum tells (then the row is redone with the max).
+      __m512 vsum = _mm512_setzero_ps();
+      const int64_t full = w.tc / 16 * 16;
+      for (int64_t j = 0; j < full; j += 16) {
+        const __m512 e = exp2_approx(_mm512_load_ps(x + j));
+        vsum = _mm512_add_ps(vsum, e);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(prow + j), (__m256i)_mm512_cvtneps_pbh(e));
+      }
+      if (full < used) {
+        const __mmask16 valid = lanes(w.tc - full);
+        const __m512 e = _mm512_maskz_mov_ps(valid, exp2_approx(_mm512_load_ps(x + full)));
+        vsum = _mm512_add_ps(vsum, e);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(prow + full),
+                           (__m256i)_mm512_cvtneps_pbh(e));
+      }
+      const float sum = _mm512_reduce_add_ps(vsum);
+      if (sum >= 0x1p-64f && sum <= 0x1p64f) {  // false for NaN too
+        if (used < tcp) std::memset(prow + used, 0, size_t(tcp - used) * 2);
+        inv[r] = 1.f / sum;
+        continue;
+      }
+    }
     __m512 vmax = neg_inf;
     if (add_mask) {
       for (int64_t j = 0; j < tcp; j += 16) {
@@ -318,12 +342,12 @@ FASTONNX_AVX512_BF16 static inline void softmax_rows(const AttentionArgs& a, con
     } else {  // finite scores; only the last vector has padding lanes
       const int64_t full = w.tc / 16 * 16;
       for (int64_t j = 0; j < full; j += 16) {
-        emit(j, exp2_nonpositive(_mm512_sub_ps(_mm512_load_ps(x + j), vm)));
+        emit(j, exp2_approx(_mm512_sub_ps(_mm512_load_ps(x + j), vm)));
       }
       if (full < used) {
         const __mmask16 valid = lanes(w.tc - full);
         const __m512 z = _mm512_maskz_sub_ps(valid, _mm512_load_ps(x + full), vm);
-        emit(full, _mm512_maskz_mov_ps(valid, exp2_nonpositive(z)));
+        emit(full, _mm512_maskz_mov_ps(valid, exp2_approx(z)));
       }
     }
     if (used < tcp) std::memset(prow + used, 0, size_t(tcp - used) * 2);
