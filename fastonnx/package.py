@@ -60,7 +60,7 @@ def tokenizer_model(tokenizer) -> ir.Model:
         ) from exc
     name = type(tokenizer).__name__
     try:
-        pre, _ = gen_processing_models(tokenizer, pre_kwargs={})
+        pre, _ = gen_processing_models(tokenizer, pre_kwargs=_bert_kwargs(tokenizer))
     except Exception as exc:  # noqa: BLE001 - the converter raises many types
         raise PackageError(
             f"onnxruntime-extensions cannot express the tokenizer {name}: {exc}"
@@ -72,6 +72,19 @@ def tokenizer_model(tokenizer) -> ir.Model:
     if not set(_TOKENIZER_OUTPUTS) & set(outputs) or "input_ids" not in outputs:
         raise PackageError(f"the {name} graph gives {outputs}, not input_ids")
     return model
+
+
+def _bert_kwargs(tokenizer) -> dict:
+    """Hugging Face's BERT tokenizers strip accents whenever they lowercase, unless told
+    otherwise (strip_accents=None); the extensions' converter strips them only when the
+    tokenizer says so explicitly, so say it (else "münch" becomes [UNK] instead of mu ##nch)."""
+    init = getattr(tokenizer, "init_kwargs", {}) or {}
+    if "do_lower_case" not in init and "strip_accents" not in init:
+        return {}
+    strip = init.get("strip_accents")
+    if strip is None:
+        strip = bool(init.get("do_lower_case", True))
+    return {"strip_accents": int(bool(strip))}
 
 
 def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

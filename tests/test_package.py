@@ -105,7 +105,7 @@ def test_real_minilm_token_ids_equal_hugging_face_on_real_sentences():
 
     folder = Path(pkg.__file__).parent / "model"
     tok = load_tokenizer(folder)
-    texts, _ = common.load_polarity(common.polarity_csv(Path(common.DEFAULT_CACHE)))
+    texts, _ = common.load_polarity(common.download_polarity(Path(common.DEFAULT_CACHE)))
     import onnx_ir as ir
 
     pre = ir.to_proto(tokenizer_model(tok)).SerializeToString()
