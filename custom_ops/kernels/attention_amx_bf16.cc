@@ -1,6 +1,7 @@
 // AMX-BF16 path: Q K^T and P V as `tdpbf16ps` tiles (16 queries x 16 keys x 32 features, and
 // 16 queries x 16 features x 32 keys), fp32 softmax between them. Keys are gathered and packed
 // by attention_bf16_common.h: its K blocks and V pairs are exactly the B-tile layouts.
+#include "amx_tiles.h"
 #include "attention_bf16_common.h"
 
 #define FASTONNX_AMX_BF16                                                                   \
@@ -14,24 +15,8 @@ using namespace bf16;
 
 constexpr int64_t kRows = 16;  // query rows per block: one tile
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Every tile 16 rows x 64 bytes. 0-3: fp32 accumulators, 4: A (queries or probabilities),
-// 5-6: B (key blocks or value pairs).
-TileConfig make_config() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  return cfg;
-}
+// Every tile 16 rows x 64 bytes (amx::full_tiles). 0-3: fp32 accumulators, 4: A (queries or
+// probabilities), 5-6: B (key blocks or value pairs).
 
 // sc[16][tcp] = Q K^T for the block's 16 queries, two 16-key blocks per step.
 FASTONNX_AMX_BF16 void scores(const Work& w) {
@@ -89,7 +74,7 @@ FASTONNX_AMX_BF16 void head_amx_bf16(const AttentionArgs& a, const Task& t) {
   const int64_t h = a.head_size, d = a.heads * a.head_size;
   Work w;
   if (!prepare(a, t, kRows, 32, w)) return;
-  static const TileConfig config = make_config();
+  static const amx::TileConfig config = amx::full_tiles();
   _tile_loadconfig(&config);
   alignas(64) float out[kRows * 64];
   float inv[kRows];
