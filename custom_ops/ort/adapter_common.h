@@ -7,6 +7,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <cstdint>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -48,10 +49,12 @@ OrtStatusPtr guarded(F&& body, const char* what) noexcept {
     return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
   } catch (const std::invalid_argument& e) {
     return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+  } catch (const std::bad_alloc&) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string(what) + ": out of memory").c_str());
   } catch (const std::exception& e) {
     return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
   } catch (...) {
-    return Ort::GetApi().CreateStatus(ORT_FAIL, what);
+    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string(what) + ": unknown error").c_str());
   }
 }
 

@@ -13,6 +13,7 @@
 
 #include "../kernels/linear.h"
 #include "../kernels/packed_weight.h"
+#include "adapter_common.h"
 
 namespace fastonnx::ort {
 namespace {
@@ -31,12 +32,6 @@ enum Input : size_t {
 
 const char* op_name(bool quantized_output) {
   return quantized_output ? "SparseLinearU8" : "SparseLinear";
-}
-
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
-  return s + "]";
 }
 
 [[noreturn]] void fail(const std::string& op, const std::string& what) {
@@ -68,22 +63,6 @@ void poison_non_finite_rows(const float* x, int64_t m, int64_t k, int64_t n, T* 
     if (has_non_finite(x + r * k, k)) std::fill(y + r * n, y + (r + 1) * n, value);
   }
 }
-
-// Runs kernel tasks on ORT's intra-op thread pool.
-class OrtRunner final : public Runner {
- public:
-  explicit OrtRunner(OrtKernelContext* ctx) : ctx_(ctx) {}
-  void parallel_for(size_t count, TaskFn fn, void* data) const override {
-    if (count <= 1) {
-      if (count == 1) fn(data, 0);
-      return;
-    }
-    Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(ctx_, fn, count, 0, data));
-  }
-
- private:
-  OrtKernelContext* ctx_;
-};
 
 class SparseLinearKernel {
  public:
@@ -267,26 +246,6 @@ class SparseLinearKernel {
   Activation activation_ = Activation::kNone;
   std::unique_ptr<LinearKernel> kernel_;
 };
-
-// Every callback runs through this: no exception may unwind through ORT's C ABI, so each one
-// becomes an OrtStatus (INVALID_ARGUMENT for bad models and inputs).
-template <class F>
-OrtStatusPtr guarded(F&& body, const char* what) noexcept {
-  try {
-    body();
-    return nullptr;
-  } catch (const Ort::Exception& e) {
-    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-  } catch (const std::invalid_argument& e) {
-    return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
-  } catch (const std::bad_alloc&) {
-    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string(what) + ": out of memory").c_str());
-  } catch (const std::exception& e) {
-    return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
-  } catch (...) {
-    return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string(what) + ": unknown error").c_str());
-  }
-}
 
 OrtStatusPtr ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*,
                                         const OrtKernelInfo* info, void** kernel) noexcept {
