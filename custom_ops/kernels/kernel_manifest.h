@@ -33,8 +33,8 @@ struct KernelEntry {
   bool sparse;              // skips zero blocks (else computes every weight)
   BlockShape block;         // the finest block shape whose zeros it skips entirely
   const char* scheme;       // one line for docs, `fastonnx info` and the benchmark
-  // Estimated microseconds for M = 128 rows on one core (only differences between the entries of
-  // one CPU matter). Calibrated with `fastonnx bench kernels` on Zen 5 and Sapphire Rapids class.
+  // Estimated microseconds for M = 128 rows on one core (only the ranking of the entries one CPU
+  // runs matters); see kernel_manifest.cc for how they were fitted.
   double (*cost_us)(const WeightStats&);
   std::unique_ptr<LinearKernel> (*make)(const PackedWeightView&);
 };
