@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -459,3 +460,24 @@ def test_internal_errors_exit_3_not_1(tmp_path, monkeypatch, capsys):
     assert optimize_cli(src, "-o", tmp_path / "o.onnx", "--preset", "fuse") == 3
     err = capsys.readouterr().err
     assert "RuntimeError: boom" in err and "internal error" in err.strip().splitlines()[-1]
+
+
+def test_empty_batch_through_a_sparse_int8_encoder(encoder_exports, tmp_path):
+    # Finding 4 end to end: batch 0 through a lowered model gives the float model's empty shape.
+    pytest.importorskip("fastonnx._native")
+    from encoders import Combo
+    from test_optimize_cli import _prune
+
+    import fastonnx
+
+    src = encoder_exports.get(Combo("bert", "sdpa", "dynamo")).path
+    pruned, out = tmp_path / "pruned.onnx", tmp_path / "sparse.onnx"
+    _prune(src, pruned)
+    optimize(pruned, preset="sparse-int8", num_samples=2).save(out)
+    graph = onnx.load(out, load_external_data=False).graph
+    assert any(n.op_type == "SparseLinear" for n in graph.node)
+    feed = {i.name: np.zeros((0, 16), np.int64) for i in graph.input}
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feed)
+    got = fastonnx.make_session(str(out)).run(None, feed)
+    assert [a.shape for a in got] == [a.shape for a in ref]
+    assert got[0].shape[0] == 0
