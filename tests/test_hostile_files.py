@@ -431,6 +431,13 @@ _FUZZ_MODELS = {
         "gD9aFAoBeBIPCg0IARIJCgMSAUIKAggIYhQKAXkSDwoNCAESCQoDEgGRCgIICEIECgAQEQ==",
         "invalid ONNX model",
     ),
+    # 12 floats (48 bytes) stored as "length 32" in a 32-byte w.data: only the length was
+    # checked against the file, so onnx_ir's read failed with a ValueError traceback
+    "length-short-of-shape": (
+        "CAo6ewoOCgF4CgFiEgF5IgNBZGQSA2FkZCo4CAwQAUIBYmoSCghsb2NhdGlvbhIGdy5kYXRhagsKBm9mZnNldBIB"
+        "MGoMCgZsZW5ndGgSAjMycAFaFAoBeBIPCg0IARIJCgMSAUIKAggIYhQKAXkSDwoNCAESCQoDEgFCCgIICEIECgAQEQ==",
+        "says its external data is 32 bytes, but its shape and type need 48",
+    ),
 }
 
 
@@ -441,6 +448,7 @@ def test_fuzz_models_are_clear_errors(tmp_path, capsys, case):
     data, message = _FUZZ_MODELS[case]
     src = tmp_path / "m.onnx"
     src.write_bytes(base64.b64decode(data))
+    (tmp_path / "w.data").write_bytes(bytes(32))  # as the fuzz target has beside its models
     with pytest.raises(ModelLoadError, match=message):
         load_model(src)
     assert optimize_cli(src, "-o", tmp_path / "o.onnx") == 2
@@ -481,3 +489,16 @@ def test_empty_batch_through_a_sparse_int8_encoder(encoder_exports, tmp_path):
     got = fastonnx.make_session(str(out)).run(None, feed)
     assert [a.shape for a in got] == [a.shape for a in ref]
     assert got[0].shape[0] == 0
+
+
+def test_external_data_shorter_than_the_shape_needs(layout):
+    # No length entry: the tensor's dims (256 floats = 1024 bytes) say how much must be there.
+    (layout / "w.data").write_bytes(bytes(1000))
+    model = layout / "m.onnx"
+    with_location(model, "w.data")
+    proto = onnx.load(model, load_external_data=False)
+    entries = proto.graph.initializer[0].external_data
+    del entries[2]  # the length
+    model.write_bytes(proto.SerializeToString())
+    with pytest.raises(ModelLoadError, match="is truncated: tensor 'b' needs bytes 0..1024"):
+        load_model(model)
