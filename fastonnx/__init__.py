@@ -13,6 +13,15 @@ from fastonnx._version import __version__
 from fastonnx.runtime import OP_DOMAIN, get_library_path, make_session, session_options
 
 
+def __getattr__(name: str):
+    # Encoder is imported on first use: plain inference and `fastonnx info` do not need it.
+    if name == "Encoder":
+        from fastonnx.encoder import Encoder
+
+        return Encoder
+    raise AttributeError(f"module 'fastonnx' has no attribute {name!r}")
+
+
 def optimize(*args, **kwargs):
     """Optimize an encoder for ORT on CPUs; see :func:`fastonnx.optimizer.optimize`."""
     # Imported on first use: the optimizer pulls in onnxscript, which `fastonnx info` and
@@ -23,6 +32,7 @@ def optimize(*args, **kwargs):
 
 
 __all__ = [
+    "Encoder",
     "OP_DOMAIN",
     "__version__",
     "get_library_path",

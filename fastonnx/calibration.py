@@ -187,6 +187,38 @@ def from_npz(
 # Text + tokenizer
 
 
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """The non-empty, stripped lines of a UTF-8 text file; CalibrationError if there are none."""
+    path = Path(path)
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    except FileNotFoundError as exc:
+        raise CalibrationError(f"{path}: no such file") from exc
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"{path}: not a UTF-8 text file") from exc
+    lines = [line for line in lines if line]
+    if not lines:
+        raise CalibrationError(f"{path}: no non-empty lines")
+    return lines
+
+
+def load_tokenizer(tokenizer_dir: str | os.PathLike):
+    """A Hugging Face tokenizer from a local folder (never the hub)."""
+    tokenizer_dir = Path(tokenizer_dir)
+    if not tokenizer_dir.is_dir():
+        raise CalibrationError(f"tokenizer folder {tokenizer_dir} does not exist")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise CalibrationError(
+            "a tokenizer needs the transformers package (pip install transformers)"
+        ) from exc
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises OSError/ValueError/...
+        raise CalibrationError(f"cannot load a tokenizer from {tokenizer_dir}: {exc}") from exc
+
+
 def from_text(
     path: str | os.PathLike,
     tokenizer_dir: str | os.PathLike,
@@ -198,27 +230,8 @@ def from_text(
 ) -> CalibrationData:
     """Samples from a text file (one sentence per line) and a local tokenizer folder (offline)."""
     path, tokenizer_dir = Path(path), Path(tokenizer_dir)
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
-    except FileNotFoundError as exc:
-        raise CalibrationError(f"{path}: no such file") from exc
-    except UnicodeDecodeError as exc:
-        raise CalibrationError(f"{path}: not a UTF-8 text file") from exc
-    lines = [line for line in lines if line]
-    if not lines:
-        raise CalibrationError(f"{path}: no non-empty lines")
-    if not tokenizer_dir.is_dir():
-        raise CalibrationError(f"tokenizer folder {tokenizer_dir} does not exist")
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as exc:
-        raise CalibrationError(
-            "--calibration-text needs the transformers package (pip install transformers)"
-        ) from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - transformers raises OSError/ValueError/...
-        raise CalibrationError(f"cannot load a tokenizer from {tokenizer_dir}: {exc}") from exc
+    lines = read_lines(path)
+    tokenizer = load_tokenizer(tokenizer_dir)
 
     specs = input_specs(model)
     step = _batch_size(specs[0], batch_size)
@@ -276,6 +289,8 @@ def vocab_size(model: ir.Model, input_name: str = "input_ids") -> int | None:
             if node.op_type == "Gather" and index == 1 and node.domain == "":
                 table = node.inputs[0].const_value if node.inputs[0] is not None else None
                 if table is not None and len(table.shape) == 2:
+                    return int(table.shape[0])
+                if table is not None and len(table.shape) == 1:  # an id remap (trim_vocab)
                     return int(table.shape[0])
             elif node.op_type in passthrough and index == 0:
                 frontier.extend(node.outputs)

@@ -15,6 +15,7 @@ _COMMANDS = {
     "info": "fastonnx.commands.info",
     "optimize": "fastonnx.commands.optimize",
     "bench": "fastonnx.commands.bench",
+    "compress": "fastonnx.commands.compress",
 }
 
 

@@ -8,7 +8,9 @@ Presets:
 * ``int8`` — ``fuse``, then static INT8 quantization of the linear layers in QDQ form (runs in
   vanilla ONNX Runtime, which executes it with its own int8 kernels).
 * ``sparse-int8`` — ``int8``, then linear layers whose weights are sparse enough become
-  fastonnx's sparse INT8 op (the output then needs fastonnx's custom-op library).
+  fastonnx's sparse INT8 op, and self-attention becomes fastonnx's Attention op (with the Q/K/V
+  projections of a block merged into one layer where they are all sparse); the output then
+  needs fastonnx's custom-op library.
 
 A model without a transformer-encoder pattern is returned unchanged, with a note saying so.
 """
@@ -41,7 +43,7 @@ from fastonnx.passes.quantize_qdq import QuantizeConfig, QuantizedLayer, Skipped
 PRESETS: dict[str, tuple[str, ...]] = {
     "fuse": ("fuse",),  # fuse_encoder runs the clean-up itself
     "int8": ("fuse", "quantize"),
-    "sparse-int8": ("fuse", "quantize", "lower_sparse"),
+    "sparse-int8": ("fuse", "quantize", "lower_sparse", "lower_attention"),
 }
 DEFAULT_PRESET = "sparse-int8"
 
@@ -174,7 +176,7 @@ class _Context:
     preset: str
     samples: list[Mapping[str, np.ndarray]]
     quantize_config: QuantizeConfig
-    min_sparsity: float
+    min_sparsity: float | None
     dynamic_activations: bool = True
 
 
@@ -184,6 +186,7 @@ _PASS_MODULES = {
     "fuse": "fastonnx.passes.fusion",
     "quantize": "fastonnx.passes.quantize_qdq",
     "lower_sparse": "fastonnx.passes.lower_sparse",
+    "lower_attention": "fastonnx.passes.lower_attention",
 }
 
 
@@ -196,7 +199,7 @@ def require_passes(preset: str) -> None:
             # Only a missing fastonnx module is a build problem; anything else is a bug.
             if not (exc.name or "").startswith("fastonnx"):
                 raise
-            hint = "; use --preset int8" if step == "lower_sparse" else ""
+            hint = "; use --preset int8" if step in ("lower_sparse", "lower_attention") else ""
             raise OptimizeError(
                 f"preset '{preset}' needs {exc.name}, which this fastonnx build lacks{hint}"
             ) from exc
@@ -228,6 +231,13 @@ def _pass_lower_sparse(model: ir.Model, ctx: _Context) -> PassRecord:
     return PassRecord("lower_sparse", _counts_of(report), 0.0, report)
 
 
+def _pass_lower_attention(model: ir.Model, ctx: _Context) -> PassRecord:
+    from fastonnx.passes.lower_attention import lower_attention
+
+    report = lower_attention(model)
+    return PassRecord("lower_attention", report.counts(), 0.0, report)
+
+
 def _changed(record: PassRecord) -> bool:
     # "skipped" counts say what a pass did not do.
     return any(v for k, v in record.counts.items() if "skipped" not in k)
@@ -252,6 +262,7 @@ _PASSES: dict[str, Callable[[ir.Model, _Context], PassRecord]] = {
     "fuse": _pass_fuse,
     "quantize": _pass_quantize,
     "lower_sparse": _pass_lower_sparse,
+    "lower_attention": _pass_lower_attention,
 }
 
 
@@ -285,7 +296,7 @@ def optimize(
     calibration: CalibrationLike = None,
     num_samples: int | None = None,
     quantize_config: QuantizeConfig | None = None,
-    min_sparsity: float = 0.5,
+    min_sparsity: float | None = None,
     dynamic_activations: bool = True,
 ) -> OptimizeResult:
     """Optimize a transformer encoder for ONNX Runtime on CPUs.
@@ -302,7 +313,7 @@ def optimize(
     """
     if preset not in PRESETS:
         raise OptimizeError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
-    if not 0.0 <= min_sparsity <= 1.0:
+    if min_sparsity is not None and not 0.0 <= min_sparsity <= 1.0:
         raise OptimizeError(f"min_sparsity must be between 0 and 1, got {min_sparsity}")
     if num_samples is not None and num_samples < 1:
         raise OptimizeError(f"num_samples must be >= 1, got {num_samples}")

@@ -52,6 +52,10 @@ def format_report(report: OptimizeReport, *, verbose: bool = False) -> str:
             if verbose:
                 lines.extend(f"      {_sparse_line(e)}" for e in report.lowered)
             lines.extend(_skip_lines(getattr(record.details, "skipped", None) or [], verbose))
+        if record.name == "lower_attention" and record.details is not None:
+            details = record.details
+            lines.extend(_skip_lines(details.kept, verbose, prefix="kept on ORT MHA: "))
+            lines.extend(_skip_lines(details.unmerged_qkv, verbose, prefix="Q/K/V not merged: "))
     if report.calibration:
         lines.append(f"  calibration  {report.calibration}")
     lines.append(

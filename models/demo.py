@@ -56,6 +56,7 @@ def main() -> int:
         "--sparsity", type=float, nargs="+", default=[0.8, 0.9], help="students to build"
     )
     parser.add_argument("--runs", type=int, default=20, help="timed rounds in the bench")
+    common.add_target_args(parser)
     args = parser.parse_args()
     mode = ["--tiny"] if args.tiny else ["--full"] if args.full else []
     cache = ["--cache", str(args.cache)]
@@ -63,10 +64,14 @@ def main() -> int:
     py = sys.executable
     started = time.perf_counter()
 
+    prune = ["--target", args.target]
+    if args.block_shape:
+        prune += ["--block-shape", args.block_shape]
     step("teacher", [py, str(HERE / "teacher.py"), *mode, *cache])
     for s in args.sparsity:
         step(
-            f"student {s:.0%}", [py, str(HERE / "student.py"), "--sparsity", str(s), *mode, *cache]
+            f"student {s:.0%}",
+            [py, str(HERE / "student.py"), "--sparsity", str(s), *prune, *mode, *cache],
         )
 
     calibration, dev = run / "calibration.npz", run / "dev.npz"
@@ -101,8 +106,9 @@ def main() -> int:
             check=False,
         )
         fast_models[s] = (src, fast)
-        torch_acc = common.read_json(folder / "metrics.json")["dev_accuracy"]
-        rows.append((f"{s:.0%} student, PyTorch fp32", torch_acc))
+        metrics = common.read_json(folder / "metrics.json")
+        block = "x".join(map(str, metrics["block_shape"]))
+        rows.append((f"{s:.0%} student ({block}), PyTorch fp32", metrics["dev_accuracy"]))
         rows.append((f"{s:.0%} student, ONNX fp32 (ORT)", onnx_accuracy(src, dev, False)))
         rows.append((f"{s:.0%} student, fastonnx sparse int8", onnx_accuracy(fast, dev, True)))
 

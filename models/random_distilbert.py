@@ -1,6 +1,6 @@
 """Recipe: random-weight DistilBERT-geometry encoders, dense and block-sparse, for speed figures.
 
-    python models/random_distilbert.py [--sparsity 0.8 0.9] [--block-shape 1x4]
+    python models/random_distilbert.py [--sparsity 0.8 0.9] [--target auto] [--block-shape 1x4]
                                        [--cache DIR] [--tiny]
 
 No DistilBERT weights are reachable here, and speed depends only on shapes and the sparsity
@@ -49,7 +49,7 @@ def make_variant(args, geometry: dict[str, int], sparsity: float, out: Path) -> 
     from fastonnx.compress.pruning import format_report
 
     model = build(geometry, args.seed)
-    pruner = prune_once(model, sparsity, block_shape=args.block_shape)
+    pruner = prune_once(model, sparsity, block_shape=args.block_shape, target=args.target)
     with common.atomic_dir(out, force=True) as tmp:
         exported = export_pruned(model, tmp / "model.onnx", pruner, output="last_hidden_state")
         print(f"[random-distilbert] ONNX block sparsity, {exported.exporter} exporter:")
@@ -61,8 +61,12 @@ def make_variant(args, geometry: dict[str, int], sparsity: float, out: Path) -> 
                 "seed": args.seed,
                 "sparsity": sparsity,
                 "block_shape": list(pruner.block_shape),
+                "target": args.target,
                 "exporter": exported.exporter,
                 "layers": {x.layer: x.measured.sparsity for x in exported.layers},
+                "zero_blocks": {
+                    x.layer: [x.measured.zero_blocks, x.measured.blocks] for x in exported.layers
+                },
             },
         )
 
@@ -78,11 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[0.8, 0.9],
         help="block sparsities of the pruned variants (a dense one is always made)",
     )
-    parser.add_argument(
-        "--block-shape",
-        default=None,
-        help="block RxC of the [out, in] weight (default: the local kernels' preferred one)",
-    )
+    common.add_target_args(parser)
     common.add_common_args(parser, full=False)  # one-shot pruning: no long version
     return parser.parse_args(argv)
 
@@ -90,17 +90,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     common.setup_environment()
-    from fastonnx.compress import resolve_block_shape
     from fastonnx.compress.schedule import check_sparsity
 
-    args.block_shape = resolve_block_shape(args.block_shape)
+    common.resolve_target_args(args)
     sparsities = [0.0, *sorted({check_sparsity(s) for s in args.sparsity if s > 0})]
     geometry = TINY_GEOMETRY if args.tiny else GEOMETRY
     root = common.run_dir(args) / "random-distilbert"
     with common.timed("random DistilBERT recipe"):
         for sparsity in sparsities:
             out = root / variant_name(sparsity)
-            if common.needed(out / "model.onnx", args.force):
+            info = out / "info.json"
+            stale = info.exists() and (
+                tuple(common.read_json(info)["block_shape"]) != tuple(args.block_shape)
+            )
+            if stale:
+                print(f"[random-distilbert] {out} has another block shape: redoing it")
+            if common.needed(out / "model.onnx", args.force or stale):
                 with common.timed(f"{variant_name(sparsity)}: prune + export"):
                     make_variant(args, geometry, sparsity, out)
             print(f"[random-distilbert] {out / 'model.onnx'}")

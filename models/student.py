@@ -1,6 +1,7 @@
 """Recipe: a block-sparse student, pruned gradually while distilled from the dense teacher.
 
-    python models/student.py --sparsity 0.9 [--block-shape 1x4] [--cache DIR] [--tiny | --full]
+    python models/student.py --sparsity 0.9 [--target auto|avx512_vnni|amx|avx2]
+                             [--block-shape 1x4] [--cache DIR] [--tiny | --full]
 
 Runs the teacher recipe first for whatever of it is missing. The student starts as a copy of
 the teacher; its encoder's linear layers are block-pruned along a cubic schedule (Zhu & Gupta)
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -23,7 +25,27 @@ import teacher as teacher_recipe
 
 
 def student_dir(args: argparse.Namespace) -> Path:
-    return common.run_dir(args) / f"student-{round(args.sparsity * 100)}"
+    tag = f"-{args.tag}" if getattr(args, "tag", None) else ""
+    return common.run_dir(args) / f"student-{round(args.sparsity * 100)}{tag}"
+
+
+def distillation_text(args, settings: common.Settings, split: common.Split):
+    """The student's training sentences and labels: the labeled train split plus
+    ``settings.extra_sentences`` unlabeled ones (label -100: the teacher's soft targets only)."""
+    texts, labels = list(split.train_texts), list(split.train_labels)
+    count = settings.extra_sentences
+    if count:
+        seen = [*split.train_texts, *split.dev_texts]
+        if args.tiny:
+            pool, _ = common.synthetic_polarity(count + len(seen), seed=args.seed + 7)
+            extra = [t for t in pool if t not in set(seen)][:count]
+        else:
+            reviews = common.download_reviews(args.cache)
+            extra = common.review_sentences(reviews, count, seen, seed=args.seed)
+        texts += extra
+        labels += [-100] * len(extra)
+        print(f"[student] {len(split.train_texts)} labeled + {len(extra)} unlabeled sentences")
+    return texts, labels
 
 
 def prune_and_distill(args, paths: teacher_recipe.TeacherPaths, out: Path) -> dict:
@@ -34,22 +56,43 @@ def prune_and_distill(args, paths: teacher_recipe.TeacherPaths, out: Path) -> di
     settings = common.settings_for(args)
     split = common.load_split(paths.split)
     teacher, tokenizer = teacher_recipe.load_teacher(paths)
-    student = copy.deepcopy(teacher)
+    start, initial = None, settings.initial_sparsity
+    if settings.init_from:
+        start = common.run_dir(args) / settings.init_from / "model"
+    elif 0 < settings.chain_from < args.sparsity:
+        # The less sparse student of the same recipe and block shape, built first if missing.
+        base = argparse.Namespace(**{**vars(args), "sparsity": settings.chain_from, "force": False})
+        ensure_student(base)
+        start, initial = student_dir(base) / "model", settings.chain_from
+    if start is not None:
+        from transformers import AutoModelForSequenceClassification
+
+        print(f"[student] starting from {start}")
+        student = AutoModelForSequenceClassification.from_pretrained(start)
+    else:
+        student = copy.deepcopy(teacher)
     steps = settings.student_steps
     schedule = CubicSchedule(
         final_sparsity=args.sparsity,
         begin_step=0,
         end_step=max(1, round(settings.prune_end_fraction * steps)),
         frequency=settings.prune_frequency,
+        initial_sparsity=min(initial, args.sparsity),
     )
-    pruner = BlockPruner(student, schedule, block_shape=args.block_shape)
-    block = "x".join(map(str, pruner.block_shape))
-    print(f"[student] {len(pruner.layer_names)} layers, {block} blocks, schedule {schedule}")
+    pruner = BlockPruner(
+        student,
+        schedule,
+        block_shape=args.block_shape,
+        target=args.target,
+        scope=settings.scope,
+    )
+    print(f"[student] {pruner.describe()}, schedule {schedule}")
     torch.manual_seed(args.seed)
+    texts, labels = distillation_text(args, settings, split)
     batches = common.batches_of(
         tokenizer,
-        split.train_texts,
-        split.train_labels,
+        texts,
+        labels,
         settings.batch_size,
         settings.max_len,
         seed=args.seed + 1,
@@ -57,8 +100,8 @@ def prune_and_distill(args, paths: teacher_recipe.TeacherPaths, out: Path) -> di
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.student_lr, weight_decay=0.01)
     config = DistillConfig(
         temperature=settings.temperature,
-        alpha_task=0.5,
-        alpha_kd=0.5,
+        alpha_task=settings.alpha_task,
+        alpha_kd=settings.alpha_kd,
         alpha_hidden=settings.alpha_hidden,
     )
     with common.timed(f"prune + distill to {args.sparsity:.0%}, {steps} steps"):
@@ -70,7 +113,9 @@ def prune_and_distill(args, paths: teacher_recipe.TeacherPaths, out: Path) -> di
             optimizer=optimizer,
             pruner=pruner,
             config=config,
-            lr_scheduler=teacher_recipe.linear_warmup_decay(optimizer, steps),
+            lr_scheduler=teacher_recipe.linear_warmup_decay(
+                optimizer, steps, settings.warmup_fraction
+            ),
             log_every=max(1, steps // 10),
         )
     print(pruner.report())
@@ -85,8 +130,10 @@ def prune_and_distill(args, paths: teacher_recipe.TeacherPaths, out: Path) -> di
         "dev_accuracy": acc,
         "target_sparsity": args.sparsity,
         "block_shape": list(pruner.block_shape),
+        "target": args.target,
         "overall_sparsity": result.sparsity,
         "steps": steps,
+        "settings": dataclasses.asdict(settings),
         "train_seconds": round(result.seconds, 1),
         "final_loss": result.losses[-1],
         "layers": {x.name: x.sparsity for x in pruner.layer_sparsity()},
@@ -95,21 +142,26 @@ def prune_and_distill(args, paths: teacher_recipe.TeacherPaths, out: Path) -> di
 
 def ensure_student(args: argparse.Namespace) -> Path:
     """Run whatever of the student recipe is missing; return its ONNX path."""
-    from fastonnx.compress import resolve_block_shape
     from fastonnx.compress.schedule import check_sparsity
 
     check_sparsity(args.sparsity)
-    args.block_shape = resolve_block_shape(args.block_shape)
+    common.resolve_target_args(args)
     # The student's --force redoes the student only.
     paths = teacher_recipe.ensure_teacher(argparse.Namespace(**{**vars(args), "force": False}))
     out = student_dir(args)
     metrics_path = out / "metrics.json"
-    if common.needed(metrics_path, args.force):
+    force = args.force
+    if metrics_path.exists() and tuple(common.read_json(metrics_path)["block_shape"]) != tuple(
+        args.block_shape
+    ):
+        print(f"[student] {out} was pruned with another block shape: redoing it", flush=True)
+        force = True
+    if common.needed(metrics_path, force):
         common.write_json(metrics_path, prune_and_distill(args, paths, out))
     metrics = common.read_json(metrics_path)
     print(f"[student] dev accuracy {metrics['dev_accuracy']:.4f} at {args.sparsity:.0%}")
     onnx_path = out / "onnx" / "model.onnx"
-    if common.needed(onnx_path, args.force):
+    if common.needed(onnx_path, force):
         from transformers import AutoModelForSequenceClassification
 
         from fastonnx.compress import export_pruned
@@ -125,7 +177,16 @@ def ensure_student(args: argparse.Namespace) -> Path:
             print(f"[student] block sparsity in the ONNX file, {exported.exporter} exporter:")
             print(format_report(x.measured for x in exported.layers))
             sparsity = {x.layer: x.measured.sparsity for x in exported.layers}
-            common.write_json(tmp / "sparsity.json", {"block_shape": block, "layers": sparsity})
+            blocks = {x.layer: [x.measured.zero_blocks, x.measured.blocks] for x in exported.layers}
+            common.write_json(
+                tmp / "sparsity.json",
+                {
+                    "block_shape": block,
+                    "target": metrics.get("target"),
+                    "layers": sparsity,
+                    "zero_blocks": blocks,
+                },
+            )
     print(f"[student] {onnx_path}")
     return onnx_path
 
@@ -140,11 +201,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         required=True,
         help="target block sparsity in [0, 1), e.g. 0.8 or 0.9",
     )
+    common.add_target_args(parser)
     parser.add_argument(
-        "--block-shape",
-        default=None,
-        help="block RxC of the [out, in] weight (default: the local kernels' preferred one)",
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one recipe setting (models/common.py Settings), e.g. student_lr=3e-4",
     )
+    parser.add_argument("--tag", help="suffix of the output folder (experiments side by side)")
     common.add_common_args(parser)
     return parser.parse_args(argv)
 

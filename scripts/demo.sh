@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-python -m pip install --quiet --disable-pip-version-check -e ".[recipes]"
+# OpenVINO (on PyPI) is the strongest CPU peer: the speed tables compare against it.
+python -m pip install --quiet --disable-pip-version-check -e ".[recipes,openvino]"
 fastonnx info
 python models/demo.py "$@"

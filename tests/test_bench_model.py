@@ -303,10 +303,13 @@ def test_bench_kernels_still_works(tmp_path):
     out = tmp_path / "kernels.json"
     rc, stdout, _ = bench(
         "kernels", "--models", "minilm", "--sparsity", "0.9", "-m", "4",
-        "--warmup", "0", "--runs", "1", "--json", out,
+        "--warmup", "0", "--runs", "1", "--attention-seq", "16", "--json", out,
     )  # fmt: skip
-    assert rc == 0 and "GOP/s" in stdout
-    assert len(json.loads(out.read_text())["rows"]) == 4
+    assert rc == 0 and "GOP/s" in stdout and "vs MHA" in stdout
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 4
+    (attention,) = data["attention_rows"]
+    assert attention["s"] == 16 and attention["cosine"] >= 0.9999
 
 
 def test_bad_input_exits_2(classifier, tmp_path):

@@ -27,7 +27,13 @@ from fastonnx.compress import (  # noqa: E402 - after the importorskip guards
     supported_block_shapes,
     train,
 )
-from fastonnx.compress.pruning import nonzero_blocks  # noqa: E402
+from fastonnx.compress.pruning import (  # noqa: E402
+    TARGETS,
+    check_block_shape_divides,
+    nonzero_blocks,
+    preferred_block_shape,
+    resolve_block_shape,
+)
 from fastonnx.passes.lower_sparse import block_sparsity  # noqa: E402
 
 HIDDEN, FFN, LAYERS = 64, 128, 2
@@ -60,6 +66,19 @@ def tiny_batches(count: int = 2, batch: int = 4, seq_len: int = 10, seed: int = 
         }
         for _ in range(count)
     ]
+
+
+# Every shape the kernels accept, the local CPU's preferred one first: the tests that prune with
+# the default shape must hold whatever it is (1x4 on AVX-512/AVX2, 16x64 or 16x4 on AMX).
+BLOCKS = sorted(supported_block_shapes(), key=lambda b: b != preferred_block_shape())
+BLOCK_IDS = [f"{r}x{c}" for r, c in BLOCKS]
+
+
+def exact_sparsity(weights, block, sparsity: float) -> float:
+    """What per-layer pruning to ``sparsity`` reaches: round(s * blocks) of each layer's blocks
+    (so coarse shapes on small layers quantize the target), block-weighted over the layers."""
+    counts = [nonzero_blocks(w, block).numel() for w in weights]
+    return sum(round(sparsity * n) for n in counts) / sum(counts)
 
 
 def zero_blocks(weight, block) -> tuple[int, int]:
@@ -119,17 +138,56 @@ def test_norms_rank_blocks_differently():
             linear.weight.copy_(weight)
 
 
-def test_default_selection_leaves_head_dense_and_patterns_select():
+@pytest.mark.parametrize("block", BLOCKS, ids=BLOCK_IDS)
+def test_default_selection_leaves_head_dense_and_patterns_select(block):
     model = tiny_classifier()
     names = list(select_linear_layers(model))
     assert len(names) == ENCODER_LINEARS
     assert not any("classifier" in n or "pooler" in n for n in names)
     attention = select_linear_layers(model, include=[r"\.attention\."])
     assert len(attention) == 4 * LAYERS
-    pruner = prune_once(model, 0.9)
+    pruner = prune_once(model, 0.9, block_shape=block)
+    assert pruner.block_shape == block
     assert torch.count_nonzero(model.classifier.weight) == model.classifier.weight.numel()
     assert torch.count_nonzero(model.bert.pooler.dense.weight) > 0
-    assert pruner.overall_sparsity() == pytest.approx(0.9, abs=1e-3)
+    expected = exact_sparsity(pruner.weights().values(), block, 0.9)
+    assert pruner.overall_sparsity() == pytest.approx(expected, abs=1e-9)
+    assert abs(expected - 0.9) <= 0.5 / min(
+        nonzero_blocks(w, block).numel() for w in pruner.weights().values()
+    )
+
+
+def test_default_block_shape_is_the_targets_preferred_one():
+    model = tiny_classifier()
+    pruner = BlockPruner(model, 0.5)  # no block shape, no target: this CPU
+    assert pruner.target == "auto"
+    assert pruner.block_shape == preferred_block_shape() == preferred_block_shape("auto")
+    assert "target auto" in pruner.describe()
+    for target in TARGETS:
+        shape = preferred_block_shape(target)
+        assert shape in supported_block_shapes(), target
+        pruner = BlockPruner(model, 0.5, target=target)
+        assert (pruner.target, pruner.block_shape) == (target, shape)
+    # The VNNI paths (AVX-512 and AVX2) skip single 4-wide groups; AMX prefers tall blocks.
+    assert preferred_block_shape("avx512_vnni") == preferred_block_shape("avx2") == (1, 4)
+    assert preferred_block_shape("amx")[0] == 16
+    # An explicit shape wins over the target's preference.
+    assert BlockPruner(model, 0.5, block_shape="4x4", target="amx").block_shape == (4, 4)
+    assert resolve_block_shape("auto", "avx2") == (1, 4)
+
+
+def test_unknown_target_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown target CPU 'sse2'.*avx512_vnni"):
+        BlockPruner(tiny_classifier(), 0.5, target="sse2")
+
+
+def test_block_shape_must_divide_the_layers():
+    model = tiny_classifier()
+    layers = select_linear_layers(model)
+    check_block_shape_divides(layers, (16, 64))  # 64 and 128 are multiples of both
+    odd = torch.nn.Sequential(torch.nn.Linear(64, 30))
+    with pytest.raises(ValueError, match=r"16x4 does not divide 1 layer.*\[30, 64\]"):
+        check_block_shape_divides(select_linear_layers(odd), (16, 4))
 
 
 def test_masks_survive_optimizer_steps():
@@ -172,19 +230,22 @@ def test_cubic_schedule_values():
     assert ramp(2) == pytest.approx(0.8 + (0.2 - 0.8) * 0.5**3)
 
 
-def test_pruner_follows_schedule_with_nested_masks():
+@pytest.mark.parametrize("block", BLOCKS, ids=BLOCK_IDS)
+def test_pruner_follows_schedule_with_nested_masks(block):
     model = tiny_classifier()
-    pruner = BlockPruner(model, CubicSchedule(0.9, begin_step=0, end_step=6, frequency=2))
+    schedule = CubicSchedule(0.9, begin_step=0, end_step=6, frequency=2)
+    pruner = BlockPruner(model, schedule, block_shape=block)
     previous = None
     for step in range(8):
         pruner.update(step)
-        expected = pruner.schedule(step)
-        assert pruner.overall_sparsity() == pytest.approx(expected, abs=2e-3)
+        expected = exact_sparsity(pruner.weights().values(), block, pruner.schedule(step))
+        assert pruner.overall_sparsity() == pytest.approx(expected, abs=1e-9), step
         zeros = {n: w.detach() == 0 for n, w in pruner.weights().items()}
         if previous is not None:  # once pruned, a block stays pruned
             assert all(torch.all(zeros[n] | ~previous[n]) for n in zeros)
         previous = zeros
-    assert pruner.overall_sparsity() == pytest.approx(0.9, abs=1e-3)
+    expected = exact_sparsity(pruner.weights().values(), block, 0.9)
+    assert pruner.overall_sparsity() == pytest.approx(expected, abs=1e-9)
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,3 +403,35 @@ except ImportError as exc:
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'fastonnx[train]'" in out.stdout
+
+
+def test_unlabeled_rows_learn_from_the_teacher_only():
+    student = SimpleNamespace(logits=torch.tensor([[1.0, -1.0], [0.5, 0.2], [0.0, 2.0]]))
+    teacher = SimpleNamespace(logits=torch.tensor([[2.0, 0.0], [-1.0, 1.0], [1.0, 1.0]]))
+    config = DistillConfig(temperature=2.0, alpha_task=0.5, alpha_kd=0.5)
+    mixed = distillation_loss(student, teacher, torch.tensor([0, -100, 1]), config)
+    ce = torch.nn.functional.cross_entropy(student.logits[[0, 2]], torch.tensor([0, 1]))
+    assert mixed.task == pytest.approx(float(ce), rel=1e-6)  # the -100 row has no task loss
+    unlabeled = distillation_loss(student, teacher, torch.full((3,), -100), config)
+    assert unlabeled.task == 0.0
+    assert float(unlabeled.total) == pytest.approx(0.5 * unlabeled.kd, rel=1e-6)
+    assert unlabeled.kd == pytest.approx(mixed.kd)
+
+
+def test_pruner_state_round_trips():
+    model = tiny_classifier()
+    pruner = prune_once(model, 0.6, block_shape=(1, 4))
+    state = pruner.state_dict()
+    other = tiny_classifier(seed=5)
+    restored = BlockPruner(other, 0.6, block_shape=(1, 4))
+    restored.load_state_dict(state)
+    assert restored.sparsity == 0.6
+    for name, mask in pruner.masks().items():
+        assert torch.equal(restored.masks()[name], mask), name
+        assert torch.equal(restored.weights()[name] == 0, ~expand(mask)), name
+    with pytest.raises(ValueError, match="block shape"):
+        BlockPruner(other, 0.6, block_shape=(4, 4)).load_state_dict(state)
+
+
+def expand(mask):
+    return mask.repeat_interleave(4, dim=1)

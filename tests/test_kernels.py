@@ -1,7 +1,9 @@
-"""Every kernel path against the NumPy reference, called directly through fastonnx._native.
+"""Every kernel of the manifest against the NumPy reference, called directly through
+fastonnx._native.
 
-Paths this CPU lacks are skipped with the reason; FASTONNX_ISA forcing through ORT is covered in
-test_sparse_linear_op.py.
+Kernels this CPU cannot run are skipped with the reason. The AMX kernel also runs as its
+emulated twin (the same code on emulated tiles), so its logic is tested on CPUs without AMX;
+FASTONNX_ISA / FASTONNX_KERNEL forcing through ORT is covered in test_sparse_linear_op.py.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tests.kernel_reference import (
 _native = pytest.importorskip("fastonnx._native")
 
 ALL_ISAS = _native.all_isas()
+KERNELS = {k["name"]: k for k in _native.kernels()}
 BLOCKS = [tuple(b) for b in _native.supported_block_shapes()]
 # (M, K, N): tiny, ragged against every width the paths use (4-byte groups, 8/16-row tiles,
 # 16-channel tasks, 64-byte AMX tiles, 512-byte K chunks), and real encoder shapes.
@@ -38,16 +41,12 @@ SHAPES = [
 SPARSITIES = [0.0, 0.5, 0.9, 1.0]
 
 
-def isa_or_skip(isa: str) -> str:
-    reason = _native.isa_unavailable_reason(isa)
+@pytest.fixture(params=list(KERNELS))
+def kernel(request):
+    reason = KERNELS[request.param]["unavailable_reason"]
     if reason:
-        pytest.skip(f"{isa}: {reason}")
-    return isa
-
-
-@pytest.fixture(params=ALL_ISAS)
-def isa(request):
-    return isa_or_skip(request.param)
+        pytest.skip(f"{request.param}: {reason}")
+    return request.param
 
 
 def make_case(m, k, n, sparsity, block, seed=0):
@@ -61,60 +60,60 @@ def make_case(m, k, n, sparsity, block, seed=0):
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"block{b[0]}x{b[1]}")
 @pytest.mark.parametrize("sparsity", SPARSITIES, ids=lambda s: f"sparse{s:.0%}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}K{}N{}".format(*s))
-def test_exact_int32_accumulation(isa, shape, sparsity, block):
+def test_exact_int32_accumulation(kernel, shape, sparsity, block):
     m, k, n = shape
     rng, w, scale, _ = make_case(m, k, n, sparsity, block)
     xq = rng.integers(0, 256, size=(m, k), dtype=np.uint8)
-    lin = _native.Linear(_native.pack_weight(w, scale, block), isa)
+    lin = _native.Linear(_native.pack_weight(w, scale, block), kernel=kernel)
     acc = lin.accumulate(xq)
     expected = xq.astype(np.int64) @ w.astype(np.int64).T
     bad = np.argwhere(acc != expected)
     assert bad.size == 0, (
         f"{lin.name}: {len(bad)} wrong accumulators, first at (m, n)={tuple(bad[0])} "
-        f"(isa={isa}, M={m}, K={k}, N={n}, sparsity={sparsity}, block={block})"
+        f"(kernel={kernel}, M={m}, K={k}, N={n}, sparsity={sparsity}, block={block})"
     )
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.8], ids=lambda s: f"sparse{s:.0%}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}K{}N{}".format(*s))
-def test_float_output_dynamic_quantization(isa, shape, sparsity):
+def test_float_output_dynamic_quantization(kernel, shape, sparsity):
     m, k, n = shape
     rng, w, scale, x = make_case(m, k, n, sparsity, (1, 4))
     bias = rng.standard_normal(n).astype(np.float32)
     residual = rng.standard_normal((m, n)).astype(np.float32)
-    lin = _native.Linear(_native.pack_weight(w, scale, (1, 4)), isa)
+    lin = _native.Linear(_native.pack_weight(w, scale, (1, 4)), kernel=kernel)
     for activation in ("none", "gelu"):
         y = lin(x, bias=bias, residual=residual, activation=activation)
         ref = sparse_linear(x, w, scale, bias, residual=residual, activation=activation)
         assert y.dtype == np.float32 and y.shape == (m, n)
-        assert_close(y, ref, f"{isa} {shape} {sparsity} {activation}")
+        assert_close(y, ref, f"{kernel} {shape} {sparsity} {activation}")
 
 
-def test_dynamic_quantization_matches_reference_bits(isa):
+def test_dynamic_quantization_matches_reference_bits(kernel):
     """The op's own quantization is bit-identical to the reference (checked via a uint8 round
     trip: accumulate() on the reference's quantized X equals what the op computes)."""
     rng, w, scale, x = make_case(37, 99, 21, 0.5, (1, 4))
-    lin = _native.Linear(_native.pack_weight(w, scale, (1, 4)), isa)
+    lin = _native.Linear(_native.pack_weight(w, scale, (1, 4)), kernel=kernel)
     q, qs, qz = quantize_rows(x)
     y = lin(x)
     ref = (lin.accumulate(q) - qz * w.astype(np.int64).sum(1)) * (qs * scale)
-    assert_close(y, ref, isa)
+    assert_close(y, ref, kernel)
 
 
-def test_static_quantization_and_leading_dims(isa):
+def test_static_quantization_and_leading_dims(kernel):
     rng, w, scale, _ = make_case(1, 96, 40, 0.5, (1, 4))
     x = rng.standard_normal((2, 3, 96)).astype(np.float32)
     bias = rng.standard_normal(40).astype(np.float32)
-    lin = _native.Linear(_native.pack_weight(w, scale, (1, 4)), isa)
+    lin = _native.Linear(_native.pack_weight(w, scale, (1, 4)), kernel=kernel)
     y = lin(x, bias=bias, x_scale=0.02, x_zero_point=128)
     assert y.shape == (2, 3, 40)
-    assert_close(y, sparse_linear(x, w, scale, bias, x_scale=0.02, x_zero_point=128), isa)
+    assert_close(y, sparse_linear(x, w, scale, bias, x_scale=0.02, x_zero_point=128), kernel)
 
 
-def test_uint8_input_and_output(isa):
+def test_uint8_input_and_output(kernel):
     rng, w, scale, _ = make_case(1, 64, 48, 0.5, (4, 4))
     xq = rng.integers(0, 256, size=(20, 64), dtype=np.uint8)
-    lin = _native.Linear(_native.pack_weight(w, scale, (4, 4)), isa)
+    lin = _native.Linear(_native.pack_weight(w, scale, (4, 4)), kernel=kernel)
     y = lin(xq, x_scale=0.05, x_zero_point=120, activation="gelu", y_scale=0.1, y_zero_point=10)
     assert y.dtype == np.uint8
     ref = sparse_linear(
@@ -127,38 +126,38 @@ def test_uint8_input_and_output(isa):
         y_scale=0.1,
         y_zero_point=10,
     )
-    assert_u8_close(y, ref, isa)
+    assert_u8_close(y, ref, kernel)
 
 
-def test_chained_uint8_equals_float_round_trip(isa):
+def test_chained_uint8_equals_float_round_trip(kernel):
     """Op 1 writes uint8; op 2 reads it: the same as dequantizing in between."""
     rng, w1, s1, x = make_case(24, 64, 32, 0.5, (1, 4))
     w2 = block_sparse_weight(16, 32, 0.5, (1, 4), rng)
     s2 = np.full(16, 0.01, np.float32)
-    l1 = _native.Linear(_native.pack_weight(w1, s1, (1, 4)), isa)
-    l2 = _native.Linear(_native.pack_weight(w2, s2, (1, 4)), isa)
+    l1 = _native.Linear(_native.pack_weight(w1, s1, (1, 4)), kernel=kernel)
+    l2 = _native.Linear(_native.pack_weight(w2, s2, (1, 4)), kernel=kernel)
     mid = l1(x, y_scale=0.05, y_zero_point=128)
     y = l2(mid, x_scale=0.05, x_zero_point=128)
     deq = (mid.astype(np.float32) - 128) * np.float32(0.05)
-    assert_close(y, sparse_linear(deq, w2, s2, x_scale=0.05, x_zero_point=128), isa)
+    assert_close(y, sparse_linear(deq, w2, s2, x_scale=0.05, x_zero_point=128), kernel)
 
 
-def test_threads_give_identical_results(isa):
+def test_threads_give_identical_results(kernel):
     rng, w, scale, x = make_case(200, 384, 300, 0.8, (1, 4))
-    lin = _native.Linear(_native.pack_weight(w, scale, (1, 4)), isa)
+    lin = _native.Linear(_native.pack_weight(w, scale, (1, 4)), kernel=kernel)
     np.testing.assert_array_equal(lin(x, threads=1), lin(x, threads=2))
     np.testing.assert_array_equal(lin(x, threads=1), lin(x, threads=7))
 
 
-def test_zero_rows_and_extreme_inputs(isa):
+def test_zero_rows_and_extreme_inputs(kernel):
     rng, w, scale, _ = make_case(1, 40, 24, 0.5, (1, 4))
-    lin = _native.Linear(_native.pack_weight(w, scale, (1, 4)), isa)
+    lin = _native.Linear(_native.pack_weight(w, scale, (1, 4)), kernel=kernel)
     assert lin(np.zeros((0, 40), np.float32)).shape == (0, 24)
     x = np.zeros((3, 40), np.float32)  # all-zero rows: scale falls back to 1, output = bias
     bias = np.arange(24, dtype=np.float32)
     np.testing.assert_array_equal(lin(x, bias=bias), np.tile(bias, (3, 1)))
     big = rng.standard_normal((5, 40)).astype(np.float32) * 1e30
-    assert_close(lin(big), sparse_linear(big, w, scale), isa)
+    assert_close(lin(big), sparse_linear(big, w, scale), kernel)
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -196,3 +195,57 @@ def test_block_shape_preferences_are_supported_shapes():
     assert tuple(_native.preferred_block_shape()) == tuple(
         _native.preferred_block_shape(_native.best_isa())
     )
+
+
+def test_manifest_is_consistent():
+    names = [k["name"] for k in _native.kernels()]
+    assert len(names) == len(set(names))
+    for isa in ALL_ISAS:  # every path has a real kernel, and only real ones are chosen
+        assert any(k["isa"] == isa and not k["emulated"] for k in KERNELS.values()), isa
+    for k in KERNELS.values():
+        assert k["name"].endswith(k["isa"]) or k["emulated"], k["name"]
+        assert tuple(k["block_shape"]) in BLOCKS
+    blob = _native.pack_weight(np.ones((4, 4), np.int8), np.ones(4, np.float32), (1, 4))
+    with pytest.raises(ValueError, match="unknown kernel 'nope'"):
+        _native.Linear(blob, kernel="nope")
+    with pytest.raises(ValueError, match="either isa or kernel"):
+        _native.Linear(blob, "ref", kernel="s8u8_dense__ref")
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0], ids=lambda s: f"sparse{s:.0%}")
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"block{b[0]}x{b[1]}")
+def test_weight_stats_count_blocks(block, sparsity):
+    """The statistics dispatch reads, against counts made with NumPy on the dense weight."""
+    rng = np.random.default_rng(3)
+    n, k = 50, 70
+    w = block_sparse_weight(n, k, sparsity, block, rng)
+    s = _native.weight_stats(_native.pack_weight(w, np.ones(n, np.float32), block))
+    wp = np.zeros((-(-n // 16) * 16, -(-k // 4) * 4), np.int8)
+    wp[:n, :k] = w
+    groups = (wp.reshape(wp.shape[0], -1, 4) != 0).any(axis=2)  # [N, K/4]
+    strips = groups.reshape(-1, 16, groups.shape[1]).any(axis=1)  # [N/16, K/4]
+    assert s["groups_1x4"] == groups[:n].sum()
+    assert s["blocks_16x4"] == strips.sum()
+    assert s["chunks_16x4"] == sum(-(-int(c) // 16) for c in strips.sum(axis=1))
+    assert set(s["cost_us"]) == set(KERNELS)
+
+
+def test_automatic_choice_is_a_real_kernel_of_this_cpu():
+    rng = np.random.default_rng(4)
+    for sparsity in (0.0, 0.9):
+        w = block_sparse_weight(64, 128, sparsity, tuple(_native.preferred_block_shape()), rng)
+        lin = _native.Linear(_native.pack_weight(w, np.ones(64, np.float32), (1, 4)))
+        entry = KERNELS[lin.name]
+        assert not entry["emulated"] and not entry["unavailable_reason"]
+
+
+def test_emulated_amx_matches_hardware_amx():
+    """Where the CPU has AMX, the emulated twin and the real instructions agree bit for bit."""
+    hw = KERNELS["s8u8_spmm_16x4__amx"]
+    if hw["unavailable_reason"]:
+        pytest.skip(f"s8u8_spmm_16x4__amx: {hw['unavailable_reason']}")
+    rng, w, scale, x = make_case(70, 200, 50, 0.7, (16, 4))
+    blob = _native.pack_weight(w, scale, (16, 4))
+    a = _native.Linear(blob, kernel="s8u8_spmm_16x4__amx")
+    b = _native.Linear(blob, kernel="s8u8_spmm_16x4__amx_emulated")
+    np.testing.assert_array_equal(a(x, activation="gelu"), b(x, activation="gelu"))

@@ -164,7 +164,10 @@ def test_sparse_preset(tiny_bert, tmp_path, capsys):
     assert "SparseLinear 12" in text and "block 1x4" in text
     assert "cosine min" in text and "FAIL" not in text
     graph = onnx.load(out, load_external_data=False).graph
-    assert sum(n.op_type == "SparseLinear" and n.domain == "com.fastonnx" for n in graph.node) == 12
+    fastonnx_ops = [n.op_type for n in graph.node if n.domain == "com.fastonnx"]
+    # 12 layers lowered; each block's Q/K/V merged into one (lower_attention): 2 x 2 fewer.
+    assert fastonnx_ops.count("SparseLinear") == 8 and fastonnx_ops.count("Attention") == 2
+    assert "Attention 2" in text and "QKV projections merged 2" in text
 
 
 def test_sparse_preset_without_lowering_fails_early(tiny_bert, tmp_path, capsys):

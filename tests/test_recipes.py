@@ -22,7 +22,17 @@ import random_distilbert  # noqa: E402
 import student  # noqa: E402
 import teacher  # noqa: E402
 
+from fastonnx.compress.pruning import preferred_block_shape, resolve_block_shape  # noqa: E402
+
 ENCODER_LINEARS = 12  # the tiny BERT: 2 layers x (q, k, v, attention out, FFN in, FFN out)
+
+
+def assert_exact_sparsity(zero_blocks: dict, sparsity: float) -> None:
+    """Each layer has round(s * blocks) zero blocks: what pruning to ``sparsity`` reaches in
+    whole blocks, whatever the block shape (16-row blocks on the tiny layers quantize it)."""
+    assert zero_blocks
+    for layer, (zero, total) in zero_blocks.items():
+        assert zero == round(sparsity * total), f"{layer}: {zero}/{total} zero blocks"
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +61,30 @@ def test_tiny_chain_outputs(tiny_chain):
         assert (root / path).exists(), path
     assert not (tiny_chain / "downloads").exists(), "tiny mode must not download data"
     assert not list(root.rglob(".*.tmp-*")), "temporary outputs left behind"
-    sparsity = json.loads((root / "student-90/onnx/sparsity.json").read_text())["layers"]
-    assert len(sparsity) == ENCODER_LINEARS
-    assert all(s == pytest.approx(0.9, abs=2e-3) for s in sparsity.values())
+    info = json.loads((root / "student-90/onnx/sparsity.json").read_text())
+    assert len(info["layers"]) == len(info["zero_blocks"]) == ENCODER_LINEARS
+    # The fixture gives no --target/--block-shape: this CPU's preferred shape, said in outputs.
+    assert tuple(info["block_shape"]) == preferred_block_shape()
+    assert info["target"] == "auto"
+    assert_exact_sparsity(info["zero_blocks"], 0.9)
+    for layer, (zero, total) in info["zero_blocks"].items():
+        assert info["layers"][layer] == pytest.approx(zero / total)
     metrics = json.loads((root / "student-90/metrics.json").read_text())
     assert 0.0 <= metrics["dev_accuracy"] <= 1.0
+    assert tuple(metrics["block_shape"]) == preferred_block_shape()
+
+
+@pytest.mark.parametrize("target", ["avx512_vnni", "amx"])
+def test_student_pruned_for_another_target(tiny_chain, target):
+    # A model pruned here for another CPU: that CPU's preferred shape, whatever this one is.
+    sparsity = {"avx512_vnni": "0.5", "amx": "0.75"}[target]
+    argv = ["--tiny", "--cache", str(tiny_chain), "--sparsity", sparsity, "--target", target]
+    assert student.main(argv) == 0
+    folder = tiny_chain / "tiny" / f"student-{round(float(sparsity) * 100)}"
+    info = json.loads((folder / "onnx/sparsity.json").read_text())
+    assert tuple(info["block_shape"]) == preferred_block_shape(target)
+    assert info["target"] == target
+    assert_exact_sparsity(info["zero_blocks"], float(sparsity))
 
 
 def test_rerun_keeps_existing_outputs(tiny_chain, capsys):
@@ -87,14 +116,18 @@ def test_optimize_lowers_student_to_sparse_linear(tiny_chain):
     np.testing.assert_allclose(got, expected, atol=0.05)
 
 
-def test_random_distilbert_tiny(tmp_path):
-    assert random_distilbert.main(["--tiny", "--cache", str(tmp_path), "--sparsity", "0.8"]) == 0
+@pytest.mark.parametrize("block", ["auto", "1x4", "16x4"])
+def test_random_distilbert_tiny(tmp_path, block):
+    argv = ["--tiny", "--cache", str(tmp_path), "--sparsity", "0.8", "--block-shape", block]
+    assert random_distilbert.main(argv) == 0
     root = tmp_path / "tiny" / "random-distilbert"
     info = {
         name: json.loads((root / name / "info.json").read_text()) for name in ("dense", "sparse80")
     }
+    expected = preferred_block_shape() if block == "auto" else resolve_block_shape(block)
+    assert tuple(info["sparse80"]["block_shape"]) == expected
     assert set(info["dense"]["layers"].values()) == {0.0}
-    assert all(s == pytest.approx(0.8, abs=2e-3) for s in info["sparse80"]["layers"].values())
+    assert_exact_sparsity(info["sparse80"]["zero_blocks"], 0.8)
     assert (root / "sparse80" / "model.onnx").exists()
 
 
@@ -110,3 +143,29 @@ def test_help(script):
 def test_student_rejects_bad_sparsity(tmp_path):
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         student.main(["--tiny", "--cache", str(tmp_path), "--sparsity", "1.0"])
+
+
+def test_sparser_student_continues_from_a_less_sparse_one(tiny_chain):
+    # chain_from: the 90% student starts from the 60% one (built first), keeping its zeros.
+    argv = ["--tiny", "--cache", str(tiny_chain), "--sparsity", "0.9", "--tag", "chain"]
+    assert student.main([*argv, "--block-shape", "1x4", "--set", "chain_from=0.6"]) == 0
+    root = tiny_chain / "tiny"
+    base = json.loads((root / "student-60-chain/onnx/sparsity.json").read_text())
+    assert_exact_sparsity(base["zero_blocks"], 0.6)
+    info = json.loads((root / "student-90-chain/onnx/sparsity.json").read_text())
+    assert_exact_sparsity(info["zero_blocks"], 0.9)
+    metrics = json.loads((root / "student-90-chain/metrics.json").read_text())
+    assert metrics["settings"]["chain_from"] == 0.6
+    # Masks only grow: every block zero at 60% is still zero at 90%.
+    from safetensors.torch import load_file
+
+    before = load_file(root / "student-60-chain/model/model.safetensors")
+    after = load_file(root / "student-90-chain/model/model.safetensors")
+    for name in base["layers"]:
+        key = f"{name}.weight"
+        assert bool(((before[key] == 0) <= (after[key] == 0)).all()), name
+
+
+def test_bad_setting_override(tmp_path):
+    with pytest.raises(ValueError, match="KEY one of"):
+        student.main(["--tiny", "--cache", str(tmp_path), "--sparsity", "0.5", "--set", "lr=1"])

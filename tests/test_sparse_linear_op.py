@@ -165,6 +165,29 @@ def test_forced_isa(isa, monkeypatch):
     assert_close(y, sparse_linear(x, w, scale, activation="gelu"), isa)
 
 
+@pytest.mark.parametrize("kernel", [k["name"] for k in _native.kernels()])
+def test_forced_kernel(kernel, monkeypatch):
+    """FASTONNX_KERNEL=<manifest name> runs that kernel inside ORT (or fails clearly)."""
+    rng = np.random.default_rng(5)
+    w, scale, blob = packed(rng)
+    model = build_model(blob, activation="gelu")
+    monkeypatch.setenv("FASTONNX_KERNEL", kernel)
+    reason = next(k["unavailable_reason"] for k in _native.kernels() if k["name"] == kernel)
+    if reason:
+        with pytest.raises(Exception, match="cannot run here"):
+            session(model)
+        return
+    x = rng.standard_normal((2, 21, K)).astype(np.float32)
+    (y,) = session(model).run(None, {"X": x})
+    assert_close(y, sparse_linear(x, w, scale, activation="gelu"), kernel)
+
+
+def test_unknown_forced_kernel_is_an_error(monkeypatch):
+    monkeypatch.setenv("FASTONNX_KERNEL", "s8u8_magic")
+    with pytest.raises(Exception, match="FASTONNX_KERNEL=s8u8_magic is not a fastonnx kernel"):
+        session(build_model(packed(np.random.default_rng(6))[2]))
+
+
 def test_unknown_forced_isa_is_an_error(monkeypatch):
     rng = np.random.default_rng(4)
     monkeypatch.setenv("FASTONNX_ISA", "sse9")

@@ -61,6 +61,9 @@ CpuFeatures detect() {
   f.avx512_vnni = f.avx512f && ((ecx >> 11) & 1);
   f.amx_tile = os_amx && ((edx >> 24) & 1);
   f.amx_int8 = os_amx && ((edx >> 25) & 1);
+  f.amx_bf16 = os_amx && ((edx >> 22) & 1);
+  __cpuid_count(7, 1, eax, ebx, ecx, edx);
+  f.avx512_bf16 = f.avx512f && ((eax >> 5) & 1);
   if (f.amx_tile && f.amx_int8) f.amx_os_permitted = request_amx_permission();
   return f;
 }

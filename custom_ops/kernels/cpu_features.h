@@ -16,8 +16,10 @@ struct CpuFeatures {
   bool avx512dq = false;
   bool avx512vl = false;
   bool avx512_vnni = false;
+  bool avx512_bf16 = false;  // vdpbf16ps, vcvtne2ps2bf16 (the attention kernel)
   bool amx_tile = false;
   bool amx_int8 = false;
+  bool amx_bf16 = false;
   bool amx_os_permitted = false;  // arch_prctl(ARCH_REQ_XCOMP_PERM) succeeded
   std::string vendor;
 };

@@ -8,16 +8,12 @@
 #include <vector>
 
 #include "aligned_buffer.h"
+#include "kernel_manifest.h"
 
 namespace fastonnx {
 namespace {
 
 constexpr int64_t kQuantRowsPerTask = 8;
-// On the AVX-512 VNNI path, weights with at least this fraction of non-zero 1x4 groups run
-// faster through the register-blocked dense kernel (measured crossover: about 50% sparsity for
-// the MiniLM/DistilBERT layer shapes at M=128).
-constexpr double kDenseMinGroupDensity = 0.5;
-
 void check_args(const LinearArgs& a) {
   if (a.m < 0) throw std::invalid_argument("negative row count");
   if ((a.x == nullptr) == (a.xq == nullptr)) {
@@ -37,49 +33,6 @@ void check_args(const LinearArgs& a) {
     throw std::invalid_argument("y_scale must be finite and > 0, got " +
                                 std::to_string(a.y_scale));
   }
-}
-
-// Cost model for choosing between AMX and AVX-512 VNNI per weight on AMX machines: cycles per
-// 16 rows. One tdpbusd (a 16x64 weight tile) takes about 16 cycles; one vpdpbusd (a 1x4 group
-// against 16 rows) about 0.5-1 cycle, plus the gather of its activations.
-constexpr double kAmxCyclesPerTile = 16.0;
-constexpr double kVnniCyclesPerGroup = 0.75;
-
-// Fraction of 1x4 weight groups holding a non-zero.
-double group_density(const PackedWeightView& view) {
-  const std::vector<int8_t> w = unpack_weight(view);
-  const uint32_t groups = (view.k + 3) / 4;
-  size_t nonzero = 0;
-  for (uint32_t n = 0; n < view.n; ++n) {
-    for (uint32_t g = 0; g < groups; ++g) {
-      bool any = false;
-      for (uint32_t k = 4 * g; k < std::min(4 * g + 4, view.k); ++k) any |= w[size_t{n} * view.k + k] != 0;
-      nonzero += any;
-    }
-  }
-  return double(nonzero) / (double(view.n) * groups);
-}
-
-Isa auto_isa(const PackedWeightView& view) {
-  const Isa best = best_isa();
-  if (best != Isa::kAmx) return best;
-  const std::vector<int8_t> w = unpack_weight(view);
-  size_t groups = 0, tiles = 0;
-  for (uint32_t n0 = 0; n0 < view.n; n0 += 16) {
-    for (uint32_t k0 = 0; k0 < view.k; k0 += 64) {
-      bool tile = false;
-      for (uint32_t n = n0; n < std::min(n0 + 16, view.n); ++n) {
-        for (uint32_t k = k0; k < std::min(k0 + 64, view.k); k += 4) {
-          bool group = false;
-          for (uint32_t j = k; j < std::min(k + 4, view.k); ++j) group |= w[size_t{n} * view.k + j] != 0;
-          groups += group;
-          tile |= group;
-        }
-      }
-      tiles += tile;
-    }
-  }
-  return tiles * kAmxCyclesPerTile <= groups * kVnniCyclesPerGroup ? Isa::kAmx : Isa::kAvx512Vnni;
 }
 
 }  // namespace
@@ -135,15 +88,21 @@ void epilogue(const LinearKernel::Epilogue& e, int64_t row, int64_t n0, int64_t 
 }  // namespace scalar
 
 void LinearKernel::set_channel_data(const PackedWeightView& view) {
-  const std::vector<int8_t> w = unpack_weight(view);
-  wsum_.reset(new int32_t[view.n]);
+  // Row sums from the stored blocks (cells past K or N are zero in the format).
+  wsum_.reset(new int32_t[view.n]());
   wscale_.reset(new float[view.n]);
-  for (uint32_t n = 0; n < view.n; ++n) {
-    int32_t s = 0;
-    for (uint32_t k = 0; k < view.k; ++k) s += w[size_t{n} * view.k + k];
-    wsum_[n] = s;
-    wscale_[n] = view.scale[n];
+  const BlockShape b = view.block;
+  for (uint32_t br = 0; br < view.block_row_count(); ++br) {
+    for (uint32_t i = view.row_ptr[br]; i < view.row_ptr[br + 1]; ++i) {
+      const int8_t* cells = view.values + size_t{i} * b.rows * b.cols;
+      for (uint32_t r = 0; r < b.rows && br * b.rows + r < view.n; ++r) {
+        int32_t s = 0;
+        for (uint32_t c = 0; c < b.cols; ++c) s += cells[r * b.cols + c];
+        wsum_[br * b.rows + r] += s;
+      }
+    }
   }
+  std::copy(view.scale, view.scale + view.n, wscale_.get());
 }
 
 void LinearKernel::run(const LinearArgs& args, const Runner& runner) const {
@@ -207,26 +166,14 @@ void LinearKernel::quantize_rows(const float* x, int64_t rows, bool per_tensor, 
 
 std::unique_ptr<LinearKernel> make_linear_kernel(const PackedWeightView& view,
                                                  std::optional<Isa> isa) {
-  if (!isa) isa = forced_isa_from_env();
-  const Isa chosen = isa ? *isa : auto_isa(view);
-  const std::string why = isa_unavailable_reason(chosen);
-  if (!why.empty()) {
-    throw std::invalid_argument(std::string("kernel path '") + isa_name(chosen) +
-                                "' cannot run here: " + why);
-  }
-  switch (chosen) {
-    case Isa::kRef: return make_linear_ref(view);
-    case Isa::kAvx2: return make_linear_avx2(view);
-    case Isa::kAvx512Vnni:
-      if (group_density(view) >= kDenseMinGroupDensity) return make_linear_avx512_dense(view);
-      return make_linear_avx512_vnni(view);
-    case Isa::kAmx: return make_linear_amx(view);
-  }
-  throw std::invalid_argument("unknown kernel path");
+  return choose_kernel(weight_stats(view), isa).make(view);
 }
 
 BlockShape preferred_block_shape(Isa isa) {
-  return isa == Isa::kAmx ? BlockShape{16, 64} : BlockShape{1, 4};
+  for (const KernelEntry& e : kernel_manifest()) {
+    if (e.isa == isa && e.sparse && !e.emulated) return e.block;
+  }
+  return BlockShape{1, 4};
 }
 
 }  // namespace fastonnx

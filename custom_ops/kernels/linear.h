@@ -108,8 +108,9 @@ class LinearKernel {
   std::unique_ptr<float[]> wscale_;
 };
 
-// Creates the kernel for `isa` (nullopt: FASTONNX_ISA if set, else the best for this weight on
-// this CPU). Throws std::invalid_argument when the ISA cannot run here.
+// Creates the kernel the manifest chooses (kernel_manifest.h: FASTONNX_KERNEL, then `isa` or
+// FASTONNX_ISA, else the cheapest for this weight on this CPU). Throws std::invalid_argument
+// when the request cannot run here.
 std::unique_ptr<LinearKernel> make_linear_kernel(const PackedWeightView& view,
                                                  std::optional<Isa> isa = std::nullopt);
 
@@ -123,6 +124,8 @@ std::unique_ptr<LinearKernel> make_linear_avx2(const PackedWeightView& view);
 std::unique_ptr<LinearKernel> make_linear_avx512_vnni(const PackedWeightView& view);
 std::unique_ptr<LinearKernel> make_linear_avx512_dense(const PackedWeightView& view);
 std::unique_ptr<LinearKernel> make_linear_amx(const PackedWeightView& view);
+// The AMX kernel's code on emulated tiles (amx_tiles.h): needs AVX-512 VNNI only.
+std::unique_ptr<LinearKernel> make_linear_amx_emulated(const PackedWeightView& view);
 
 // Scalar pieces shared by the paths (and the reference of the vector ones).
 namespace scalar {

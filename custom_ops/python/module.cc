@@ -5,13 +5,17 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
+#include <chrono>
 #include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "../kernels/attention.h"
 #include "../kernels/cpu_features.h"
+#include "../kernels/kernel_manifest.h"
 #include "../kernels/linear.h"
 #include "../kernels/packed_weight.h"
 
@@ -81,10 +85,20 @@ BlockShape shape_arg(const std::pair<uint32_t, uint32_t>& s) { return BlockShape
 // A weight prepared for one kernel path; calls release the GIL.
 class PyLinear {
  public:
-  PyLinear(const py::buffer& blob, const std::optional<std::string>& isa) {
+  PyLinear(const py::buffer& blob, const std::optional<std::string>& isa,
+           const std::optional<std::string>& kernel) {
     const OwnedBlob owned(blob);
     const PackedWeightView view = owned.view();
-    kernel_ = make_linear_kernel(view, isa_arg(isa));
+    if (!kernel) {
+      kernel_ = make_linear_kernel(view, isa_arg(isa));
+      return;
+    }
+    if (isa) throw std::invalid_argument("give either isa or kernel, not both");
+    const KernelEntry* e = find_kernel(*kernel);
+    if (e == nullptr) throw std::invalid_argument("unknown kernel '" + *kernel + "'");
+    const std::string why = kernel_unavailable_reason(*e);
+    if (!why.empty()) throw std::invalid_argument("kernel " + *kernel + " cannot run here: " + why);
+    kernel_ = e->make(view);
   }
 
   py::array call(const py::array& x, const std::optional<Array<float>>& bias,
@@ -158,6 +172,28 @@ class PyLinear {
     return acc;
   }
 
+  // Per-call wall times (ns) of `runs` calls on one float input with a reused output: the kernel
+  // alone, without Python or ORT in the loop (for `fastonnx bench kernels --direct` and tuning).
+  std::vector<int64_t> time_calls(const Array<float>& x, int runs, int threads) const {
+    const int64_t k = kernel_->k();
+    if (x.ndim() != 2 || x.shape(1) != k) throw std::invalid_argument("x must be float32 [M, K]");
+    if (runs < 1) throw std::invalid_argument("runs must be >= 1");
+    std::vector<float> y(size_t(x.shape(0) * kernel_->n()));
+    LinearArgs args;
+    args.m = x.shape(0);
+    args.x = x.data();
+    args.y = y.data();
+    std::vector<int64_t> ns;
+    py::gil_scoped_release release;
+    const ThreadRunner runner(threads);
+    for (int i = 0; i < runs; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      kernel_->run(args, runner);
+      ns.push_back(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                       std::chrono::steady_clock::now() - t0).count());
+    }
+    return ns;
+  }
   std::string name() const { return kernel_->name(); }
   std::string isa() const { return isa_name(kernel_->isa()); }
   int64_t n() const { return kernel_->n(); }
@@ -166,6 +202,67 @@ class PyLinear {
  private:
   std::unique_ptr<LinearKernel> kernel_;
 };
+
+std::optional<AttentionPath> attention_path_arg(const std::optional<std::string>& name) {
+  if (!name || *name == "auto") return std::nullopt;
+  const auto path = parse_attention_path(*name);
+  if (!path) throw std::invalid_argument("unknown attention path '" + *name + "' (amx_bf16, avx512_bf16, ref)");
+  return path;
+}
+
+// Y = softmax(Q K^T * scale + mask) V; key/value None means q is packed [B, S, 3D].
+Array<float> attention(const Array<float>& q, const std::optional<Array<float>>& k,
+                       const std::optional<Array<float>>& v, const std::optional<Array<float>>& mask,
+                       int64_t num_heads, std::optional<float> scale,
+                       const std::optional<std::string>& path_name, int threads) {
+  if (q.ndim() != 3) throw std::invalid_argument("q must be float32 [B, S, D] or [B, S, 3D]");
+  if (bool(k) != bool(v)) throw std::invalid_argument("give both k and v, or neither (packed q)");
+  AttentionArgs args;
+  args.batch = q.shape(0);
+  args.seq = q.shape(1);
+  args.heads = num_heads;
+  args.q = q.data();
+  int64_t d = q.shape(2);
+  args.token_stride = d;
+  if (k) {
+    for (const Array<float>* x : {&*k, &*v}) {
+      if (x->ndim() != 3 || x->shape(0) != q.shape(0) || x->shape(1) != q.shape(1) ||
+          x->shape(2) != q.shape(2)) {
+        throw std::invalid_argument("k and v must have q's shape [B, S, D]");
+      }
+    }
+    args.k = k->data();
+    args.v = v->data();
+  } else {
+    if (d % 3) throw std::invalid_argument("packed q's last dimension is not 3 * D");
+    d /= 3;
+    args.k = args.q + d;
+    args.v = args.q + 2 * d;
+  }
+  if (num_heads < 1 || d % num_heads) {
+    throw std::invalid_argument("num_heads=" + std::to_string(num_heads) +
+                                " does not divide the hidden size D=" + std::to_string(d));
+  }
+  args.head_size = d / num_heads;
+  args.scale = scale ? *scale : 1.f / std::sqrt(float(args.head_size));
+  if (mask) {
+    if (mask->ndim() != 4) throw std::invalid_argument("mask must be 4-D [B|1, N|1, S|1, S]");
+    args.mask = mask->data();
+    for (int i = 0; i < 4; ++i) args.mask_dims[i] = mask->shape(i);
+  }
+  validate_attention(args);
+  Array<float> y({q.shape(0), q.shape(1), py::ssize_t(d)});
+  args.y = y.mutable_data();
+  const AttentionPath path = [&] {
+    const auto chosen = attention_path_arg(path_name);
+    return chosen ? *chosen : choose_attention_path();
+  }();
+  {
+    py::gil_scoped_release release;
+    run_attention(args, path, ThreadRunner(threads));
+  }
+  return y;
+}
 
 }  // namespace
 
@@ -183,8 +280,10 @@ PYBIND11_MODULE(_native, m) {
     d["avx512dq"] = f.avx512dq;
     d["avx512vl"] = f.avx512vl;
     d["avx512_vnni"] = f.avx512_vnni;
+    d["avx512_bf16"] = f.avx512_bf16;
     d["amx_tile"] = f.amx_tile;
     d["amx_int8"] = f.amx_int8;
+    d["amx_bf16"] = f.amx_bf16;
     d["amx_os_permitted"] = f.amx_os_permitted;
     return d;
   }, "Detected CPU features (usable by this process).");
@@ -202,6 +301,33 @@ PYBIND11_MODULE(_native, m) {
     const auto isa = isa_arg(name);
     return isa ? isa_unavailable_reason(*isa) : std::string();
   });
+  m.def("attention_paths", [] {
+    std::vector<std::string> out;
+    for (AttentionPath p : all_attention_paths()) out.push_back(attention_path_name(p));
+    return out;
+  }, "Every attention kernel path, portable first.");
+  m.def("available_attention_paths", [] {
+    std::vector<std::string> out;
+    for (AttentionPath p : available_attention_paths()) out.push_back(attention_path_name(p));
+    return out;
+  }, "Attention kernel paths this machine can run, portable first.");
+  m.def("attention_path_unavailable_reason", [](const std::string& name) {
+    const auto path = attention_path_arg(name);
+    return path ? attention_path_unavailable_reason(*path) : std::string();
+  });
+  m.def("attention_kernel_name", [](const std::optional<std::string>& name) {
+    const auto path = attention_path_arg(name);
+    return std::string(attention_kernel_name(path ? *path : choose_attention_path()));
+  }, py::arg("path") = py::none(),
+     "Kernel name of an attention path (None: the one the op would choose here).");
+  m.attr("ATTENTION_SKIP_THRESHOLD") = kSkipThreshold;
+  m.attr("ATTENTION_MAX_SEQUENCE") = kMaxAttentionSequence;
+  m.def("attention", &attention, py::arg("q"), py::arg("k") = py::none(), py::arg("v") = py::none(),
+        py::arg("mask") = py::none(), py::kw_only(), py::arg("num_heads"),
+        py::arg("scale") = py::none(), py::arg("path") = py::none(), py::arg("threads") = 1,
+        "softmax(q k^T * scale + mask) v per head (com.fastonnx::Attention's kernel); k=v=None "
+        "reads q as packed [B, S, 3D] = [Q | K | V]. path: None (FASTONNX_ISA or best), "
+        "'ref', 'avx512_bf16' or 'amx_bf16'.");
   m.def("best_isa", [] { return std::string(isa_name(best_isa())); });
   m.def("forced_isa", [] {
     const auto isa = forced_isa_from_env();
@@ -276,9 +402,44 @@ PYBIND11_MODULE(_native, m) {
   });
   m.attr("FORMAT_VERSION") = kBlobVersion;
 
+  m.def("kernels", [] {
+    py::list out;
+    for (const KernelEntry& e : kernel_manifest()) {
+      py::dict d;
+      d["name"] = e.name;
+      d["isa"] = isa_name(e.isa);
+      d["requires_isa"] = isa_name(e.requires_isa);
+      d["emulated"] = e.emulated;
+      d["sparse"] = e.sparse;
+      d["block_shape"] = shape_tuple(e.block);
+      d["scheme"] = e.scheme;
+      d["unavailable_reason"] = kernel_unavailable_reason(e);
+      out.append(d);
+    }
+    return out;
+  }, "The kernel manifest: every linear kernel, with why it cannot run here (empty if it can).");
+  m.def("weight_stats", [](const py::buffer& blob) {
+    const OwnedBlob owned(blob);
+    const WeightStats s = weight_stats(owned.view());
+    py::dict d;
+    d["n"] = s.n;
+    d["k"] = s.k;
+    d["groups_1x4"] = s.groups_1x4;
+    d["blocks_16x4"] = s.blocks_16x4;
+    d["chunks_16x4"] = s.chunks_16x4;
+    d["gathered_chunks"] = s.gathered_chunks;
+    py::dict costs;
+    for (const KernelEntry& e : kernel_manifest()) costs[e.name] = e.cost_us(s);
+    d["cost_us"] = costs;
+    return d;
+  }, "What the kernel choice depends on for this weight, and each kernel's estimated cost.");
+
   py::class_<PyLinear>(m, "Linear", "A packed weight prepared for one kernel path.")
-      .def(py::init<const py::buffer&, const std::optional<std::string>&>(), py::arg("blob"),
-           py::arg("isa") = py::none())
+      .def(py::init<const py::buffer&, const std::optional<std::string>&,
+                    const std::optional<std::string>&>(),
+           py::arg("blob"), py::arg("isa") = py::none(), py::arg("kernel") = py::none(),
+           "Prepares the weight for the kernel the manifest chooses, for one path (`isa`), or "
+           "for one kernel by name (`kernel`).")
       .def("__call__", &PyLinear::call, py::arg("x"), py::arg("bias") = py::none(),
            py::arg("x_scale") = py::none(), py::arg("x_zero_point") = 0,
            py::arg("residual") = py::none(), py::arg("activation") = "none",
@@ -286,6 +447,8 @@ PYBIND11_MODULE(_native, m) {
            "Y = act(dequant(quant(x) @ W^T) + bias) + residual; uint8 Y when y_scale is given.")
       .def("accumulate", &PyLinear::accumulate, py::arg("xq"), py::arg("threads") = 1,
            "Raw int32 xq @ W^T (no zero-point compensation).")
+      .def("time_calls", &PyLinear::time_calls, py::arg("x"), py::arg("runs"),
+           py::arg("threads") = 1, "Wall time (ns) of each of `runs` calls on float x [M, K].")
       .def_property_readonly("name", &PyLinear::name)
       .def_property_readonly("isa", &PyLinear::isa)
       .def_property_readonly("n", &PyLinear::n)

@@ -107,14 +107,15 @@ def _sparsity(text: str) -> float:
 
 
 def kernels_parser() -> argparse.ArgumentParser:
-    from fastonnx.bench.kernels import DEFAULT_SPARSITIES, SHAPES
+    from fastonnx.bench.kernels import DEFAULT_ATTENTION_SEQ, DEFAULT_SPARSITIES, SHAPES
 
     p = argparse.ArgumentParser(
         prog="fastonnx bench kernels",
         description="Times the sparse INT8 linear op against ORT's fp32 MatMul and int8 "
         "DynamicQuantizeMatMul (com.microsoft) on the linear-layer shapes of MiniLM-L6 and "
         "DistilBERT, each as a one-node ORT session, interleaved round by round after a "
-        "warm-up; it prints median and p90 per call and the speed-up ratios.",
+        "warm-up; it prints median and p90 per call and the speed-up ratios. Then fastonnx's "
+        "Attention op against ORT's MultiHeadAttention on the models' head shapes.",
     )
     p.add_argument(
         "--models",
@@ -137,10 +138,25 @@ def kernels_parser() -> argparse.ArgumentParser:
         default=None,
         help="block shape RxC of the pruned weight (default: this CPU's preferred shape)",
     )
+    p.add_argument(
+        "--attention-seq",
+        nargs="*",
+        type=int,
+        default=list(DEFAULT_ATTENTION_SEQ),
+        metavar="S",
+        help="sequence lengths of the attention rows (default: %(default)s; none: no rows)",
+    )
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     p.add_argument("--warmup", type=int, default=10, help="warm-up calls per variant (10)")
     p.add_argument("--runs", type=int, default=50, help="timed calls per variant (50)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--kernels",
+        nargs="+",
+        metavar="NAME",
+        help="time these manifest kernels side by side (`all`: every one this CPU runs; "
+        "default: the one the op chooses); `fastonnx info` lists them",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p
 
@@ -166,8 +182,21 @@ def run_kernels(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    names = args.kernels
+    if names == ["all"]:
+        names = kernels.runnable_kernels()
+    elif names:
+        unknown = sorted(set(names) - set(kernels.runnable_kernels()))
+        if unknown:
+            print(
+                f"fastonnx bench kernels: cannot run {', '.join(unknown)} here "
+                f"(runnable: {', '.join(kernels.runnable_kernels())})",
+                file=sys.stderr,
+            )
+            return 2
     rows = kernels.run(
         models=args.models,
+        kernels=names,
         sparsities=args.sparsity,
         m=args.rows,
         block=args.block,
@@ -178,8 +207,19 @@ def run_kernels(args: argparse.Namespace) -> int:
         progress=progress,
     )
     print(kernels.format_table(rows))
+    attention = []
+    if args.attention_seq:
+        attention = kernels.run_attention(
+            models=args.models,
+            seqs=args.attention_seq,
+            threads=args.threads,
+            warmup=args.warmup,
+            runs=args.runs,
+            seed=args.seed,
+        )
+        print(kernels.format_attention_table(attention))
     if args.json:
-        kernels.write_json(args.json, rows, env)
+        kernels.write_json(args.json, rows, env, attention)
         print(f"wrote {args.json}")
     return 0
 

@@ -13,7 +13,8 @@ def add_parser(subparsers) -> None:
         help="show versions, the custom-op library, CPU features and chosen kernels",
         description="Show fastonnx's and ONNX Runtime's versions, the custom-op library path, "
         "the CPU features detected, and which kernel path each operator will use here "
-        "(FASTONNX_ISA=amx|avx512_vnni|avx2|ref forces one).",
+        "(FASTONNX_ISA=amx|avx512_vnni|avx2|ref forces a path, FASTONNX_KERNEL=<name> one "
+        "kernel of the manifest).",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
@@ -32,7 +33,12 @@ def collect() -> dict:
         forced = _native.forced_isa()
     except ValueError as exc:
         forced_error = str(exc)
-    kernels = {}
+    kernels, attention = {}, {}
+    if forced_error is None:
+        try:
+            attention = {"any": _native.attention_kernel_name()}
+        except ValueError as exc:  # FASTONNX_ISA selects an attention path this CPU lacks
+            forced_error = str(exc)
     if forced_error is None:
         # The kernel a dense and a 90%-sparse weight of the preferred shape would get.
         block = tuple(_native.preferred_block_shape(forced))
@@ -56,9 +62,15 @@ def collect() -> dict:
         if forced_error
         else list(_native.preferred_block_shape(forced)),
         "supported_block_shapes": [list(b) for b in _native.supported_block_shapes()],
+        "kernel_manifest": _native.kernels(),
         "ops": {
             "com.fastonnx::SparseLinear": kernels,
             "com.fastonnx::SparseLinearU8": kernels,
+            "com.fastonnx::Attention": attention,
+        },
+        "attention_paths": {
+            p: _native.attention_path_unavailable_reason(p) or "available"
+            for p in _native.attention_paths()
         },
     }
 
@@ -71,6 +83,8 @@ def format_report(info: dict) -> str:
         f"library       {info['library']}",
         f"cpu           {info['cpu_vendor']}: {' '.join(on) or '(no SIMD extensions used)'}",
         "kernel paths  " + ", ".join(f"{isa} ({why})" for isa, why in info["kernel_paths"].items()),
+        "attention     "
+        + ", ".join(f"{path} ({why})" for path, why in info["attention_paths"].items()),
         f"FASTONNX_ISA  {info['FASTONNX_ISA'] or '(unset: automatic)'}",
     ]
     accepted = ", ".join("x".join(map(str, b)) for b in info["supported_block_shapes"])
@@ -82,6 +96,11 @@ def format_report(info: dict) -> str:
         lines.append(f"path used     {info['best_path']}")
         block = "x".join(map(str, info["preferred_block_shape"]))
         lines.append(f"block shape   {block} preferred (accepted: {accepted})")
+    lines.append("kernels       (FASTONNX_KERNEL=<name> forces one)")
+    for k in info["kernel_manifest"]:
+        block = "x".join(map(str, k["block_shape"]))
+        state = k["unavailable_reason"] or "runs here" + (", for tests" if k["emulated"] else "")
+        lines.append(f"  {k['name']:<31} {block:>5}  {k['scheme']} [{state}]")
     for op, kernels in info["ops"].items():
         for label, name in kernels.items():
             lines.append(f"{op:<28} {label:<11} -> {name}")

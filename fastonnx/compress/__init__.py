@@ -22,8 +22,11 @@ from fastonnx.compress.export import (
 )
 from fastonnx.compress.pruning import (
     DEFAULT_EXCLUDE,
+    TARGETS,
     BlockPruner,
     LayerSparsity,
+    check_block_shape_divides,
+    check_target,
     preferred_block_shape,
     prune_once,
     resolve_block_shape,
@@ -34,6 +37,7 @@ from fastonnx.compress.schedule import CubicSchedule
 
 __all__ = [
     "DEFAULT_EXCLUDE",
+    "TARGETS",
     "BlockPruner",
     "CubicSchedule",
     "DistillConfig",
@@ -41,7 +45,9 @@ __all__ = [
     "PrunedExport",
     "SparsityCheckError",
     "TrainResult",
+    "check_block_shape_divides",
     "check_onnx_sparsity",
+    "check_target",
     "distillation_loss",
     "export_logits",
     "export_model",

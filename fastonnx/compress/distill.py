@@ -5,6 +5,7 @@ Loss (B batch, L labels, T temperature)::
     alpha_task   * CE(student logits [B, L], labels [B])
   + alpha_kd     * T^2 * KL(softmax(teacher / T) || softmax(student / T))
   + alpha_hidden * mean over layers of MSE(student hidden [B, S, D], teacher hidden [B, S, D])
+  + alpha_cosine * mean(1 - cos(student vector [B, D], teacher vector [B, D]))  (embeddings)
 
 T^2 keeps the soft-target gradients on the scale of the hard-label ones as T changes (Hinton
 et al., 2015). The hidden-state term needs both models to return the same number of hidden
@@ -13,6 +14,7 @@ states of the same shapes (the usual case here: the student is a pruned copy of 
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -33,20 +35,24 @@ class DistillConfig:
     alpha_task: float = 0.5
     alpha_kd: float = 0.5
     alpha_hidden: float = 0.0
+    # Embedding models: 1 - cosine of the student's and teacher's output vectors (``logits``
+    # holds the pooled sentence vector [B, D] there).
+    alpha_cosine: float = 0.0
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        weights = (self.alpha_task, self.alpha_kd, self.alpha_hidden)
+        weights = (self.alpha_task, self.alpha_kd, self.alpha_hidden, self.alpha_cosine)
         if min(weights) < 0 or sum(weights) == 0:
             raise ValueError(
                 f"loss weights must be >= 0 and not all 0, got alpha_task={self.alpha_task} "
-                f"alpha_kd={self.alpha_kd} alpha_hidden={self.alpha_hidden}"
+                f"alpha_kd={self.alpha_kd} alpha_hidden={self.alpha_hidden} "
+                f"alpha_cosine={self.alpha_cosine}"
             )
 
     @property
     def needs_teacher(self) -> bool:
-        return self.alpha_kd > 0 or self.alpha_hidden > 0
+        return self.alpha_kd > 0 or self.alpha_hidden > 0 or self.alpha_cosine > 0
 
 
 @dataclass
@@ -57,6 +63,7 @@ class LossParts:
     task: float = 0.0
     kd: float = 0.0
     hidden: float = 0.0
+    cosine: float = 0.0
 
 
 def _hidden_mse(student_out: Any, teacher_out: Any) -> torch.Tensor:
@@ -89,7 +96,8 @@ def distillation_loss(
 ) -> LossParts:
     """The combined loss from model outputs (objects with ``logits``, and ``hidden_states``
     when ``alpha_hidden`` > 0). ``teacher_out`` may be None only when ``alpha_kd`` and
-    ``alpha_hidden`` are 0; ``labels`` may be None only when ``alpha_task`` is 0."""
+    ``alpha_hidden`` are 0; ``labels`` may be None only when ``alpha_task`` is 0. Rows whose
+    label is negative (-100) are unlabeled: no task loss, only the teacher's terms."""
     torch = require_torch()
     functional = torch.nn.functional
     logits = student_out.logits
@@ -98,9 +106,12 @@ def distillation_loss(
     if config.alpha_task > 0:
         if labels is None:
             raise ValueError("alpha_task > 0 needs labels")
-        task = functional.cross_entropy(logits, labels)
-        total = total + config.alpha_task * task
-        parts.task = float(task.detach())
+        # Labels < 0 (-100 by convention) mark unlabeled rows: they learn from the teacher only.
+        labeled = labels >= 0
+        if bool(labeled.any()):
+            task = functional.cross_entropy(logits[labeled], labels[labeled])
+            total = total + config.alpha_task * task
+            parts.task = float(task.detach())
     if config.needs_teacher and teacher_out is None:
         raise ValueError("alpha_kd or alpha_hidden > 0 needs the teacher's outputs")
     if config.alpha_kd > 0:
@@ -110,6 +121,11 @@ def distillation_loss(
         kd = functional.kl_div(student_log_probs, teacher_probs, reduction="batchmean") * t * t
         total = total + config.alpha_kd * kd
         parts.kd = float(kd.detach())
+    if config.alpha_cosine > 0:
+        cos = functional.cosine_similarity(logits, teacher_out.logits.detach(), dim=-1)
+        cosine = (1.0 - cos).mean()
+        total = total + config.alpha_cosine * cosine
+        parts.cosine = float(cosine.detach())
     if config.alpha_hidden > 0:
         hidden = _hidden_mse(student_out, teacher_out)
         total = total + config.alpha_hidden * hidden
@@ -160,6 +176,8 @@ def train(
     max_grad_norm: float | None = 1.0,
     log_every: int = 10,
     log: Callable[[str], None] | None = None,
+    start_step: int = 0,
+    on_step: Callable[[int, LossParts], None] | None = None,
 ) -> TrainResult:
     """Train ``student`` for ``steps`` optimizer steps; return the per-step losses.
 
@@ -168,10 +186,17 @@ def train(
     fine-tuning (``config`` defaults to the task loss alone). ``pruner``: followed each step
     (:meth:`BlockPruner.update`) and attached to ``optimizer`` for the run, so pruned blocks
     stay zero. Progress goes to ``log`` (default: stderr) every ``log_every`` steps.
+
+    Resuming: ``start_step`` skips the steps already done (their batches included, so a
+    resumed run sees what an uninterrupted one would), given the model, optimizer, scheduler,
+    pruner and RNG states saved after that step. ``on_step(done, parts)`` runs after each
+    optimizer step (checkpoints, progress bars).
     """
     torch = require_torch()
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step must be in [0, {steps}], got {start_step}")
     if config is None:
         # Without a teacher: plain fine-tuning on the labels.
         plain = DistillConfig(alpha_task=1.0, alpha_kd=0.0)
@@ -187,8 +212,9 @@ def train(
         pruner.attach(optimizer)
     result = TrainResult(steps=steps, seconds=0.0)
     start = time.perf_counter()
+    stream = itertools.islice(_forever(batches), start_step, None)
     try:
-        for step, batch in zip(range(steps), _forever(batches), strict=False):
+        for step, batch in zip(range(start_step, steps), stream, strict=False):
             if pruner is not None:
                 pruner.update(step)
             inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -207,7 +233,10 @@ def train(
                 lr_scheduler.step()
             result.losses.append(float(parts.total.detach()))
             if (step + 1) % log_every == 0 or step + 1 == steps:
-                log(_progress(step + 1, steps, parts, config, pruner, time.perf_counter() - start))
+                elapsed = time.perf_counter() - start
+                log(_progress(step + 1, steps, parts, config, pruner, elapsed, start_step))
+            if on_step is not None:
+                on_step(step + 1, parts)
     finally:
         if pruner is not None:
             pruner.detach()
@@ -225,13 +254,15 @@ def _progress(
     config: DistillConfig,
     pruner: BlockPruner | None,
     elapsed: float,
+    start_step: int = 0,
 ) -> str:
-    per_step = elapsed / done
+    per_step = elapsed / max(1, done - start_step)
     line = f"step {done}/{steps}  loss {float(parts.total.detach()):.4f}"
     weighted = (
         ("task", config.alpha_task, parts.task),
         ("kd", config.alpha_kd, parts.kd),
         ("hidden", config.alpha_hidden, parts.hidden),
+        ("cosine", config.alpha_cosine, parts.cosine),
     )
     terms = [f"{name} {value:.4f}" for name, alpha, value in weighted if alpha > 0]
     if len(terms) > 1:

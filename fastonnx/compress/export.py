@@ -213,6 +213,7 @@ def export_pruned(
     pruner: BlockPruner | None = None,
     *,
     block_shape: Sequence[int] | str | None = None,
+    target: str | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = DEFAULT_EXCLUDE,
     output: str = "auto",
@@ -223,12 +224,13 @@ def export_pruned(
     """Export ``model`` (see :func:`export_model`) and check its block sparsity in the file.
 
     The layers checked are ``pruner``'s, or else those :func:`select_linear_layers` picks with
-    ``include``/``exclude``, measured in ``pruner``'s block shape or ``block_shape``.
+    ``include``/``exclude``, measured in ``pruner``'s block shape or ``block_shape`` (default:
+    the one ``target`` prefers).
     """
     if pruner is not None:
         block, weights = pruner.block_shape, pruner.weights()
     else:
-        block = resolve_block_shape(block_shape)
+        block = resolve_block_shape(block_shape, target)
         modules = select_linear_layers(model, include, exclude)
         weights = {name: module.weight for name, module in modules.items()}
     out_path, exporter = export_model(

@@ -6,8 +6,10 @@ channel: one VNNI int8 group, the unit fastonnx's sparse kernels skip. Pruning a
 it; the ONNX sparse lowering then packs only the blocks left.
 
 "Hardware-aware" means the block shape is one the kernels accept (``supported_block_shapes``),
-by default the one the local CPU prefers. Train on one machine for another by passing the
-target's shape explicitly.
+by default the one the deployment CPU prefers. A model is usually pruned on one machine and
+served on another, so the pruner takes a ``target``: ``"auto"`` (this CPU) or a CPU class
+(``TARGETS``: ``"avx512_vnni"``, ``"amx"``, ``"avx2"``), whose preferred shape
+(:func:`preferred_block_shape`) it uses unless an explicit ``block_shape`` is given.
 
 Blocks are ranked by magnitude (L2 or L1 norm of the block), per layer (every layer reaches the
 same sparsity) or globally (one threshold over all selected layers, so layers that matter less
@@ -48,6 +50,10 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 NORMS = ("l2", "l1")
 SCOPES = ("layer", "global")
 
+# Deployment CPU classes a model can be pruned for ("auto": the CPU this runs on). The names are
+# the native kernel paths' (fastonnx._native.all_isas(), less the portable "ref").
+TARGETS: tuple[str, ...] = ("auto", "avx512_vnni", "amx", "avx2")
+
 
 # --------------------------------------------------------------------------------------------
 # Block shapes
@@ -69,8 +75,20 @@ def supported_block_shapes() -> list[BlockShape]:
     return [tuple(s) for s in native.supported_block_shapes()]
 
 
-def preferred_block_shape() -> BlockShape:
-    """The block shape the local CPU's kernels run fastest."""
+def check_target(target: str | None) -> str:
+    """``target`` as one of :data:`TARGETS` (None is ``"auto"``); a ValueError otherwise."""
+    if target is None:
+        return "auto"
+    name = str(target).lower()
+    if name not in TARGETS:
+        raise ValueError(f"unknown target CPU {target!r}; choose from {', '.join(TARGETS)}")
+    return name
+
+
+def preferred_block_shape(target: str | None = None) -> BlockShape:
+    """The block shape the kernels of ``target`` (see :data:`TARGETS`; None or ``"auto"``:
+    this CPU) exploit best."""
+    target = check_target(target)
     native = _native_module()
     if native is None:
         warnings.warn(
@@ -78,13 +96,26 @@ def preferred_block_shape() -> BlockShape:
             stacklevel=2,
         )
         return _PORTABLE_SHAPES[0]
-    return tuple(native.preferred_block_shape())
+    return tuple(native.preferred_block_shape(None if target == "auto" else target))
 
 
-def resolve_block_shape(block_shape: Sequence[int] | str | None) -> BlockShape:
-    """A supported (rows, cols) from a pair, an ``"RxC"`` string, or None (the preferred one)."""
-    if block_shape is None:
-        return preferred_block_shape()
+def target_isa(target: str | None = None) -> str:
+    """The kernel path ``target`` names; for ``"auto"``, the one this CPU runs."""
+    target = check_target(target)
+    if target != "auto":
+        return target
+    native = _native_module()
+    return "unknown (fastonnx._native not built)" if native is None else native.best_isa()
+
+
+def resolve_block_shape(
+    block_shape: Sequence[int] | str | None, target: str | None = None
+) -> BlockShape:
+    """A supported (rows, cols) from a pair or an ``"RxC"`` string; None (or ``"auto"``) is the
+    shape ``target`` prefers (see :func:`preferred_block_shape`)."""
+    if block_shape is None or (isinstance(block_shape, str) and block_shape.lower() == "auto"):
+        return preferred_block_shape(target)
+    check_target(target)
     if isinstance(block_shape, str):
         parts = block_shape.lower().split("x")
         try:
@@ -189,6 +220,28 @@ def format_report(layers: Iterable[LayerSparsity]) -> str:
 # Layer selection
 
 
+def check_block_shape_divides(layers: dict[str, Any], block: BlockShape) -> None:
+    """A ValueError naming the layers whose W [N, K] is not a whole number of blocks.
+
+    The pruner itself handles ragged edges (partial edge blocks); this is for callers that want
+    every block whole, so a block's share of the sparsity is exactly one block.
+    """
+    r, c = block
+    bad = [
+        f"{name} [{m.weight.shape[0]}, {m.weight.shape[1]}]"
+        for name, m in layers.items()
+        if m.weight.shape[0] % r or m.weight.shape[1] % c
+    ]
+    if bad:
+        raise ValueError(
+            f"block shape {r}x{c} does not divide {len(bad)} layer weight(s) [out, in]: "
+            + ", ".join(bad[:4])
+            + (", ..." if len(bad) > 4 else "")
+            + "; choose a block shape whose rows divide every output size and whose columns "
+            "divide every input size"
+        )
+
+
 def select_linear_layers(
     model: Any,
     include: Sequence[str] | None = None,
@@ -265,7 +318,9 @@ class BlockPruner:
 
     ``sparsity``: a float in [0, 1) (pruned at once by :meth:`prune` or the first
     :meth:`update`) or a :class:`CubicSchedule` (followed by :meth:`update` each step).
-    ``block_shape``: one of :func:`supported_block_shapes` (default: the preferred one).
+    ``block_shape``: one of :func:`supported_block_shapes` (default: the one ``target``
+    prefers). ``target``: the deployment CPU, one of :data:`TARGETS` (default ``"auto"``, this
+    CPU); :attr:`target` and :attr:`block_shape` say what was used.
     ``norm``: ``"l2"`` or ``"l1"`` block magnitude. ``scope``: ``"layer"`` or ``"global"``.
     ``include``/``exclude``: see :func:`select_linear_layers`.
 
@@ -285,6 +340,7 @@ class BlockPruner:
         sparsity: float | CubicSchedule,
         *,
         block_shape: Sequence[int] | str | None = None,
+        target: str | None = None,
         norm: str = "l2",
         scope: str = "layer",
         include: Sequence[str] | None = None,
@@ -298,7 +354,8 @@ class BlockPruner:
             raise ValueError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; choose from {', '.join(SCOPES)}")
-        self.block_shape = resolve_block_shape(block_shape)
+        self.target = check_target(target)
+        self.block_shape = resolve_block_shape(block_shape, self.target)
         self.norm = norm
         self.scope = scope
         self.model = model
@@ -381,6 +438,31 @@ class BlockPruner:
             for layer in self._layers:
                 layer.apply()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The masks and the sparsity they were made for (a checkpoint of the pruning)."""
+        return {
+            "sparsity": self.sparsity,
+            "block_shape": list(self.block_shape),
+            "masks": {x.name: x.block_mask.cpu() for x in self._layers if x.block_mask is not None},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (same model layers and block shape) and apply the masks."""
+        if tuple(state["block_shape"]) != self.block_shape:
+            raise ValueError(
+                f"pruner state has block shape {state['block_shape']}, this pruner "
+                f"{list(self.block_shape)}"
+            )
+        masks = state["masks"]
+        unknown = set(masks) - set(self.layer_names)
+        if unknown:
+            raise ValueError(f"pruner state names layers this model lacks: {sorted(unknown)[:4]}")
+        for layer in self._layers:
+            if layer.name in masks:
+                layer.set_mask(masks[layer.name].to(layer.weight.device))
+        self.sparsity = float(state["sparsity"])
+        self.apply_masks()
+
     # -- training hooks --------------------------------------------------------------------
 
     def attach(self, optimizer: Any | None = None) -> BlockPruner:
@@ -410,6 +492,14 @@ class BlockPruner:
     def overall_sparsity(self) -> float:
         layers = self.layer_sparsity()
         return sum(x.zero_blocks for x in layers) / sum(x.blocks for x in layers)
+
+    def describe(self) -> str:
+        """One line: layers, block shape and the target it was chosen for."""
+        r, c = self.block_shape
+        return (
+            f"{len(self._layers)} layers, {r}x{c} blocks, target {self.target} "
+            f"(kernel path {target_isa(self.target)}), {self.scope} scope"
+        )
 
     def report(self) -> str:
         return format_report(self.layer_sparsity())

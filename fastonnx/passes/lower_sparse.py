@@ -15,8 +15,9 @@ R is a residual of the output's exact (static or symbolic) shape.
 By default, and always without a Q/DQ pair on X, the op quantizes X per row at run time. The
 weight is re-packed into fastonnx's portable blob (see docs/operators.md) when its sparsity,
 counted in the 1x4 groups the kernels skip, is at least ``min_sparsity``; denser layers stay on
-ORT's int8 path, which runs dense layers as fast as fastonnx's dense kernel
-(`fastonnx bench kernels`). Every layer that is not lowered is reported with the reason.
+ORT's int8 path. By default that threshold is 0 on CPUs whose fastonnx kernels run dense layers
+at parity with ORT's int8 (AVX-512 VNNI, AMX) and 0.5 elsewhere (:func:`auto_min_sparsity`).
+Every layer that is not lowered is reported with the reason.
 """
 
 from __future__ import annotations
@@ -306,17 +307,36 @@ def _remove_dead_nodes(graph: ir.Graph) -> None:
             del graph.initializers[name]
 
 
+# Paths whose dense kernels run at parity with ORT's int8 GEMM (MLAS uses the same VNNI / AMX
+# instructions; `fastonnx bench kernels` at sparsity 0): there, every quantizable layer is
+# lowered, since fastonnx's per-row activations are also the more accurate.
+_PARITY_PATHS = ("avx512_vnni", "amx")
+# Elsewhere (AVX2, the reference path) only layers sparse enough to win.
+_SPARSE_ONLY_MIN_SPARSITY = 0.5
+
+
+def auto_min_sparsity() -> float:
+    """The default ``min_sparsity`` for this CPU (see _PARITY_PATHS)."""
+    from fastonnx import _native
+
+    path = _native.forced_isa() or _native.best_isa()
+    return 0.0 if path in _PARITY_PATHS else _SPARSE_ONLY_MIN_SPARSITY
+
+
 def lower_sparse(
-    model: ir.Model, *, min_sparsity: float = 0.5, dynamic_activations: bool = True
+    model: ir.Model, *, min_sparsity: float | None = None, dynamic_activations: bool = True
 ) -> SparseLoweringReport:
     """Lowers the model's quantized linear layers whose weight has at least ``min_sparsity`` of
-    its 1x4 groups all zero to SparseLinear, in place. Returns what was lowered and, for every
-    other linear layer, why not.
+    its 1x4 groups all zero to SparseLinear, in place (None: :func:`auto_min_sparsity`, 0 on
+    CPUs with AVX-512 VNNI or AMX). Returns what was lowered and, for every other linear layer,
+    why not.
 
     With ``dynamic_activations`` (the default) the ops quantize X per row at run time even where
     the QDQ model has a calibrated per-tensor scale: real encoders have activation outliers that
     one per-tensor scale serves badly (MiniLM-L6: cosine 0.9987 against fp32 per row, 0.989 per
     tensor). ``False`` keeps the QDQ model's quantization exactly."""
+    if min_sparsity is None:
+        min_sparsity = auto_min_sparsity()
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     report = SparseLoweringReport(min_sparsity=min_sparsity)

@@ -1,0 +1,153 @@
+#include "attention.h"
+
+#include <stdexcept>
+
+namespace fastonnx {
+
+const char* attention_path_name(AttentionPath path) {
+  switch (path) {
+    case AttentionPath::kRef: return "ref";
+    case AttentionPath::kAvx512Bf16: return "avx512_bf16";
+    case AttentionPath::kAmxBf16: return "amx_bf16";
+  }
+  return "?";
+}
+
+const char* attention_kernel_name(AttentionPath path) {
+  switch (path) {
+    case AttentionPath::kRef: return "f32_attention__ref";
+    case AttentionPath::kAvx512Bf16: return "bf16_attention_8x32__avx512_bf16";
+    case AttentionPath::kAmxBf16: return "bf16_attention_16x32__amx_bf16";
+  }
+  return "?";
+}
+
+std::vector<AttentionPath> all_attention_paths() {
+  return {AttentionPath::kRef, AttentionPath::kAvx512Bf16, AttentionPath::kAmxBf16};
+}
+
+std::optional<AttentionPath> parse_attention_path(const std::string& name) {
+  for (AttentionPath p : all_attention_paths()) {
+    if (name == attention_path_name(p)) return p;
+  }
+  return std::nullopt;
+}
+
+std::string attention_path_unavailable_reason(AttentionPath path) {
+  const CpuFeatures& f = cpu_features();
+  switch (path) {
+    case AttentionPath::kRef: return "";
+    case AttentionPath::kAvx512Bf16:
+      return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512_vnni && f.avx512_bf16
+                 ? ""
+                 : "this CPU (or OS) lacks AVX-512 BW/VL/DQ/VNNI with AVX512_BF16";
+    case AttentionPath::kAmxBf16:
+      if (!(f.amx_tile && f.amx_bf16)) return "this CPU (or OS) lacks AMX-BF16";
+      if (!f.amx_os_permitted) return "the OS refused AMX tile-data permission (arch_prctl)";
+      return attention_path_unavailable_reason(AttentionPath::kAvx512Bf16);
+  }
+  return "unknown attention path";
+}
+
+std::vector<AttentionPath> available_attention_paths() {
+  std::vector<AttentionPath> out;
+  for (AttentionPath p : all_attention_paths()) {
+    if (attention_path_unavailable_reason(p).empty()) out.push_back(p);
+  }
+  return out;
+}
+
+AttentionPath attention_path_for_isa(Isa isa) {
+  switch (isa) {
+    case Isa::kRef:
+    case Isa::kAvx2: return AttentionPath::kRef;
+    case Isa::kAvx512Vnni: return AttentionPath::kAvx512Bf16;
+    case Isa::kAmx: return AttentionPath::kAmxBf16;
+  }
+  return AttentionPath::kRef;
+}
+
+AttentionPath choose_attention_path() {
+  const std::optional<Isa> forced = forced_isa_from_env();
+  if (!forced) return available_attention_paths().back();
+  const AttentionPath path = attention_path_for_isa(*forced);
+  const std::string why = attention_path_unavailable_reason(path);
+  if (!why.empty()) {
+    throw std::invalid_argument(std::string("FASTONNX_ISA=") + isa_name(*forced) +
+                                " selects the attention path " + attention_path_name(path) +
+                                ", which cannot run here: " + why);
+  }
+  return path;
+}
+
+void validate_attention(const AttentionArgs& a) {
+  auto bad = [](const std::string& what) { throw std::invalid_argument("Attention: " + what); };
+  if (a.batch < 0 || a.seq < 0) bad("negative batch or sequence length");
+  if (a.seq > kMaxAttentionSequence) {
+    bad("sequence length " + std::to_string(a.seq) + " exceeds the limit of " +
+        std::to_string(kMaxAttentionSequence));
+  }
+  if (a.heads < 1 || a.heads > kMaxAttentionHeads) {
+    bad("num_heads " + std::to_string(a.heads) + " is not in [1, " +
+        std::to_string(kMaxAttentionHeads) + "]");
+  }
+  if (a.head_size < 1 || a.head_size > kMaxAttentionHeadSize) {
+    bad("head size " + std::to_string(a.head_size) + " is not in [1, " +
+        std::to_string(kMaxAttentionHeadSize) + "]");
+  }
+  if (a.token_stride < a.heads * a.head_size) bad("token stride smaller than the hidden size");
+  if (a.mask) {
+    const int64_t* m = a.mask_dims;
+    const bool ok = (m[0] == 1 || m[0] == a.batch) && (m[1] == 1 || m[1] == a.heads) &&
+                    (m[2] == 1 || m[2] == a.seq) && m[3] == a.seq;
+    if (!ok) {
+      bad("mask of shape [" + std::to_string(m[0]) + "," + std::to_string(m[1]) + "," +
+          std::to_string(m[2]) + "," + std::to_string(m[3]) + "] does not broadcast to [B=" +
+          std::to_string(a.batch) + ", N=" + std::to_string(a.heads) + ", S=" +
+          std::to_string(a.seq) + ", S=" + std::to_string(a.seq) +
+          "] (each axis 1 or the full size; the key axis full)");
+    }
+  }
+  if (a.batch * a.seq > 0 && (!a.q || !a.k || !a.v)) bad("missing Q, K or V");
+}
+
+namespace attention_detail {
+
+Task task_of(const AttentionArgs& a, int64_t task) {
+  const int64_t b = task / a.heads, n = task % a.heads;
+  const int64_t d = a.heads * a.head_size;
+  const int64_t token0 = b * a.seq * a.token_stride + n * a.head_size;
+  Task t{};
+  t.q = a.q + token0;
+  t.k = a.k + token0;
+  t.v = a.v + token0;
+  t.y = a.y + b * a.seq * d + n * a.head_size;
+  if (a.mask) {
+    const int64_t* m = a.mask_dims;
+    const int64_t plane = m[2] * m[3];
+    t.mask = a.mask + (m[0] == 1 ? 0 : b) * m[1] * plane + (m[1] == 1 ? 0 : n) * plane;
+    t.mask_row_stride = m[2] == 1 ? 0 : m[3];
+  }
+  return t;
+}
+
+}  // namespace attention_detail
+
+void run_attention(const AttentionArgs& args, AttentionPath path, const Runner& runner) {
+  validate_attention(args);
+  const std::string why = attention_path_unavailable_reason(path);
+  if (!why.empty()) {
+    throw std::invalid_argument(std::string("attention path ") + attention_path_name(path) +
+                                " cannot run here: " + why);
+  }
+  if (args.batch == 0 || args.seq == 0) return;
+  if (!args.y) throw std::invalid_argument("Attention: missing output");
+  using HeadFn = void (*)(const AttentionArgs&, const attention_detail::Task&);
+  const HeadFn head = path == AttentionPath::kRef          ? attention_detail::head_ref
+                      : path == AttentionPath::kAvx512Bf16 ? attention_detail::head_avx512_bf16
+                                                           : attention_detail::head_amx_bf16;
+  auto body = [&](size_t i) { head(args, attention_detail::task_of(args, int64_t(i))); };
+  run_tasks(runner, size_t(args.batch * args.heads), body);
+}
+
+}  // namespace fastonnx

@@ -1,0 +1,86 @@
+// Encoder self-attention: Y = softmax(Q K^T * scale + mask) V, per batch entry and head.
+//
+// Dimensions: B batch, S sequence (queries and keys: self-attention), N heads, H head size,
+// D = N * H hidden size. Q, K and V are float [B, S, D] views with a common token stride (D for
+// three separate tensors, 3D for one packed [B, S, 3D] projection laid out [Q | K | V]); head n
+// occupies features [n*H, (n+1)*H) of each. The optional additive mask is float
+// [Mb, Mn, Ms, S] with Mb in {1, B}, Mn in {1, N}, Ms in {1, S} (broadcast axes have stride 0).
+//
+// Keys whose mask value is <= kSkipThreshold (the exporters' -inf / lowest-float fill) are
+// skipped: they get probability exactly 0 and cost no work. A query row whose keys are all
+// skipped returns the mean of V over all S keys: what the exporters' lowest-float masks give in
+// fp32 (every score becomes the same lowest value, so softmax is uniform) and what the fused
+// MultiHeadAttention model gives; never NaN.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cpu_features.h"
+#include "linear.h"  // Runner
+
+namespace fastonnx {
+
+// Mask values at or below this skip the key (see above).
+constexpr float kSkipThreshold = -1e30f;
+// Bounds checked before any allocation (scratch grows linearly with S, never S x S).
+constexpr int64_t kMaxAttentionSequence = 16384;
+constexpr int64_t kMaxAttentionHeads = 1024;
+constexpr int64_t kMaxAttentionHeadSize = 512;
+
+// Attention kernel paths, portable first.
+enum class AttentionPath { kRef = 0, kAvx512Bf16 = 1, kAmxBf16 = 2 };
+
+const char* attention_path_name(AttentionPath path);
+// The kernel's full name, e.g. "bf16_attention_8x32__avx512_bf16".
+const char* attention_kernel_name(AttentionPath path);
+std::optional<AttentionPath> parse_attention_path(const std::string& name);
+std::string attention_path_unavailable_reason(AttentionPath path);
+std::vector<AttentionPath> all_attention_paths();
+std::vector<AttentionPath> available_attention_paths();
+// The attention path of a linear-kernel ISA level, which FASTONNX_ISA names: ref and avx2 ->
+// ref (there is no AVX2 attention kernel), avx512_vnni -> avx512_bf16, amx -> amx_bf16.
+AttentionPath attention_path_for_isa(Isa isa);
+// FASTONNX_ISA's attention path if set, else the best available. Throws std::invalid_argument
+// when the forced path cannot run here.
+AttentionPath choose_attention_path();
+
+struct AttentionArgs {
+  int64_t batch = 0, seq = 0, heads = 0, head_size = 0;
+  const float* q = nullptr;
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int64_t token_stride = 0;  // floats between consecutive tokens of q, k and v
+  // Additive mask (null: none) with its dims; the last axis (keys) is contiguous.
+  const float* mask = nullptr;
+  int64_t mask_dims[4] = {0, 0, 0, 0};
+  float scale = 1.f;
+  float* y = nullptr;  // [B, S, D], contiguous
+};
+
+// Throws std::invalid_argument naming what is wrong (sizes beyond the limits, bad mask dims).
+void validate_attention(const AttentionArgs& args);
+
+// Validates, then runs on `path` (which must be available) over B x N tasks.
+void run_attention(const AttentionArgs& args, AttentionPath path, const Runner& runner);
+
+// One batch entry and head, for each path (one file each). `task` = b * N + n.
+namespace attention_detail {
+struct Task {
+  const float* q;  // first token of this head's Q (stride token_stride)
+  const float* k;
+  const float* v;
+  const float* mask;  // this (b, n)'s mask plane or null
+  int64_t mask_row_stride;  // 0 when the mask is broadcast over queries
+  float* y;  // first token of this head's output (stride D)
+};
+Task task_of(const AttentionArgs& args, int64_t task);
+void head_ref(const AttentionArgs& args, const Task& t);
+void head_avx512_bf16(const AttentionArgs& args, const Task& t);
+void head_amx_bf16(const AttentionArgs& args, const Task& t);
+}  // namespace attention_detail
+
+}  // namespace fastonnx

@@ -1,0 +1,141 @@
+#include "kernel_manifest.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <stdexcept>
+
+#include "sparse_groups.h"
+
+namespace fastonnx {
+namespace {
+
+// Cost models in microseconds at M = 128, fitted to `fastonnx bench kernels` medians; they only
+// need to rank the entries of one CPU correctly near their crossovers.
+constexpr double kRowTiles = 128.0 / 16;
+
+double cost_ref(const WeightStats& s) { return 128.0 * double(s.n * s.k) * 1e-3; }
+double cost_avx2(const WeightStats& s) { return double(s.groups_1x4) * kRowTiles * 4e-4; }
+// vpdpbusd per group against 64 rows, plus the activation packing.
+double cost_vnni_sparse(const WeightStats& s) {
+  return double(s.groups_1x4) * kRowTiles * 2.4e-4 + double(s.n) * 0.012;
+}
+double cost_vnni_dense(const WeightStats& s) {
+  return double(s.n * ((s.k + 3) / 4)) * kRowTiles * 1.05e-4 + double(s.n) * 0.012;
+}
+// One tdpbsud per chunk and row tile; a gathered chunk adds its row copies; the epilogue and
+// the per-strip overhead are paid for every strip.
+double cost_amx(const WeightStats& s) {
+  const double strips = double((s.n + 15) / 16);
+  return double(s.chunks_16x4) * kRowTiles * 0.008 + double(s.gathered_chunks) * kRowTiles * 0.006 +
+         strips * 0.10;
+}
+
+std::unique_ptr<LinearKernel> make_vnni(const PackedWeightView& v) { return make_linear_avx512_vnni(v); }
+
+const std::vector<KernelEntry>& entries() {
+  static const std::vector<KernelEntry> list = {
+      {"s8u8_dense__ref", Isa::kRef, Isa::kRef, false, false, {1, 4},
+       "dense int8 loops; the portable fallback and yardstick", cost_ref, make_linear_ref},
+      {"s8u8_spmm_1x4_m32__avx2", Isa::kAvx2, Isa::kAvx2, false, true, {1, 4},
+       "1x4 groups, 8-row tiles, int16 vpmaddwd (exact)", cost_avx2, make_linear_avx2},
+      {"s8u8_spmm_1x4_m64__avx512_vnni", Isa::kAvx512Vnni, Isa::kAvx512Vnni, false, true, {1, 4},
+       "1x4 groups broadcast against 64 rows, vpdpbusd", cost_vnni_sparse, make_vnni},
+      {"s8u8_gemm_6x64__avx512_vnni", Isa::kAvx512Vnni, Isa::kAvx512Vnni, false, false, {1, 4},
+       "register-blocked dense GEMM, 6 rows x 64 channels", cost_vnni_dense,
+       make_linear_avx512_dense},
+      {"s8u8_spmm_16x4__amx", Isa::kAmx, Isa::kAmx, false, true, {16, 4},
+       "tdpbsud over non-zero 16x4 blocks gathered 16 at a time into tiles", cost_amx,
+       make_linear_amx},
+      {"s8u8_spmm_16x4__amx_emulated", Isa::kAmx, Isa::kAvx512Vnni, true, true, {16, 4},
+       "the AMX kernel on emulated tiles (tests on CPUs without AMX)", cost_amx,
+       make_linear_amx_emulated},
+  };
+  return list;
+}
+
+}  // namespace
+
+WeightStats weight_stats(const PackedWeightView& view) {
+  WeightStats s;
+  s.n = view.n;
+  s.k = view.k;
+  const RowGroups rg = row_groups_1x4(view);
+  s.groups_1x4 = int64_t(rg.kg.size());
+  const int64_t groups = (s.k + 3) / 4, strips = (s.n + 15) / 16;
+  std::vector<uint32_t> seen(size_t(groups), 0);
+  std::vector<uint32_t> used;
+  for (int64_t st = 0; st < strips; ++st) {
+    used.clear();
+    const size_t r1 = size_t(std::min(s.n, (st + 1) * 16));
+    for (size_t row = size_t(st * 16); row < r1; ++row) {
+      for (uint32_t i = rg.row_ptr[row]; i < rg.row_ptr[row + 1]; ++i) {
+        if (seen[rg.kg[i]] != uint32_t(st + 1)) {
+          seen[rg.kg[i]] = uint32_t(st + 1);
+          used.push_back(rg.kg[i]);
+        }
+      }
+    }
+    std::sort(used.begin(), used.end());
+    s.blocks_16x4 += int64_t(used.size());
+    for (size_t q0 = 0; q0 < used.size(); q0 += 16) {
+      const size_t count = std::min<size_t>(16, used.size() - q0);
+      ++s.chunks_16x4;
+      s.gathered_chunks += !(count == 16 && used[q0 + 15] - used[q0] == 15);
+    }
+  }
+  return s;
+}
+
+const std::vector<KernelEntry>& kernel_manifest() { return entries(); }
+
+const KernelEntry* find_kernel(const std::string& name) {
+  for (const KernelEntry& e : entries()) {
+    if (name == e.name) return &e;
+  }
+  return nullptr;
+}
+
+std::string kernel_unavailable_reason(const KernelEntry& entry) {
+  return isa_unavailable_reason(entry.requires_isa);
+}
+
+const KernelEntry& choose_kernel(const WeightStats& stats, std::optional<Isa> isa) {
+  const char* forced = std::getenv("FASTONNX_KERNEL");
+  if (forced != nullptr && *forced != '\0' && std::string(forced) != "auto") {
+    const KernelEntry* e = find_kernel(forced);
+    if (e == nullptr) {
+      std::string names;
+      for (const KernelEntry& k : entries()) names += std::string(names.empty() ? "" : ", ") + k.name;
+      throw std::invalid_argument(std::string("FASTONNX_KERNEL=") + forced +
+                                  " is not a fastonnx kernel (one of: " + names + ")");
+    }
+    const std::string why = kernel_unavailable_reason(*e);
+    if (!why.empty()) {
+      throw std::invalid_argument(std::string("FASTONNX_KERNEL=") + forced + " cannot run here: " + why);
+    }
+    return *e;
+  }
+  if (!isa) isa = forced_isa_from_env();
+  if (isa) {
+    const std::string why = isa_unavailable_reason(*isa);
+    if (!why.empty()) {
+      throw std::invalid_argument(std::string("kernel path '") + isa_name(*isa) +
+                                  "' cannot run here: " + why);
+    }
+  }
+  const KernelEntry* best = nullptr;
+  double best_cost = 0;
+  for (const KernelEntry& e : entries()) {
+    if (e.emulated || !kernel_unavailable_reason(e).empty()) continue;
+    if (isa && e.isa != *isa) continue;
+    const double cost = e.cost_us(stats);
+    if (best == nullptr || cost < best_cost) {
+      best = &e;
+      best_cost = cost;
+    }
+  }
+  if (best == nullptr) throw std::invalid_argument("no fastonnx kernel can run here");
+  return *best;
+}
+
+}  // namespace fastonnx

@@ -1,0 +1,184 @@
+#include "attention_op.h"
+
+#include <climits>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "../kernels/attention.h"
+#include "adapter_common.h"
+
+namespace fastonnx::ort {
+namespace {
+
+// Named input slots (see docs/operators.md).
+enum Input : size_t {
+  kQuery = 0,          // [B, S, D], or packed [B, S, 3D] when key and value are absent
+  kKey = 1,            // [B, S, D], optional
+  kValue = 2,          // [B, S, D], optional (present exactly when key is)
+  kAttentionBias = 3,  // additive mask [B|1, N|1, S|1, S], optional
+};
+constexpr size_t kInputCount = 4;
+
+[[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("Attention: " + what); }
+
+const float* float_data(const Ort::ConstValue& v, const char* what) {
+  const auto type = v.GetTensorTypeAndShapeInfo().GetElementType();
+  if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+    fail(std::string(what) + " must be float32 (element type " + std::to_string(type) + ")");
+  }
+  return v.GetTensorData<float>();
+}
+
+class AttentionKernel {
+ public:
+  explicit AttentionKernel(const OrtKernelInfo* info) {
+    const OrtApi& api = Ort::GetApi();
+    int64_t heads = 0;
+    if (OrtStatus* s = api.KernelInfoGetAttribute_int64(info, "num_heads", &heads)) {
+      api.ReleaseStatus(s);
+      fail("attribute num_heads (int) is required");
+    }
+    if (heads < 1 || heads > kMaxAttentionHeads) {
+      fail("num_heads=" + std::to_string(heads) + " is not in [1, " +
+           std::to_string(kMaxAttentionHeads) + "]");
+    }
+    heads_ = heads;
+    float scale = 0.f;
+    if (OrtStatus* s = api.KernelInfoGetAttribute_float(info, "scale", &scale)) {
+      api.ReleaseStatus(s);  // absent: 1/sqrt(H), known once H is
+    } else {
+      if (!std::isfinite(scale)) fail("attribute scale must be finite");
+      scale_ = scale;
+      has_scale_ = true;
+    }
+    path_ = choose_attention_path();
+    Ort::ConstKernelInfo ki(info);
+    std::string node = "?";
+    try {
+      node = ki.GetNodeName();
+    } catch (const std::exception&) {
+    }
+    const std::string msg = "fastonnx Attention '" + node + "': kernel " +
+                            attention_kernel_name(path_) + ", num_heads=" + std::to_string(heads_);
+    static_cast<void>(ki.GetLogger().LogMessage(ORT_LOGGING_LEVEL_INFO, __FILE__, __LINE__,
+                                                __func__, msg.c_str()));
+  }
+
+  void compute(OrtKernelContext* context) const {
+    Ort::KernelContext ctx(context);
+    const size_t inputs = ctx.GetInputCount();
+    auto input = [&](size_t i) -> Ort::ConstValue {
+      return i < inputs ? ctx.GetInput(i) : Ort::ConstValue(nullptr);
+    };
+    Ort::ConstValue q = input(kQuery);
+    Ort::ConstValue k = input(kKey);
+    Ort::ConstValue v = input(kValue);
+    Ort::ConstValue mask = input(kAttentionBias);
+    const std::vector<int64_t> q_shape = q.GetTensorTypeAndShapeInfo().GetShape();
+    if (q_shape.size() != 3) fail("query must be 3-D [B, S, D] (or [B, S, 3D]), got " + shape_str(q_shape));
+    AttentionArgs args;
+    args.batch = q_shape[0];
+    args.seq = q_shape[1];
+    args.heads = heads_;
+    args.q = float_data(q, "query");
+    int64_t d = q_shape[2];
+    if (bool(k) != bool(v)) fail("key and value must both be given, or both absent (packed QKV)");
+    if (k) {
+      for (auto [value, what] : {std::pair{k, "key"}, std::pair{v, "value"}}) {
+        const std::vector<int64_t> shape = value.GetTensorTypeAndShapeInfo().GetShape();
+        if (shape != q_shape) {
+          fail(std::string(what) + " has shape " + shape_str(shape) + " but query has " +
+               shape_str(q_shape) + " (self-attention: all three are [B, S, D])");
+        }
+      }
+      args.k = float_data(k, "key");
+      args.v = float_data(v, "value");
+      args.token_stride = d;
+    } else {
+      if (d % 3 != 0) {
+        fail("packed QKV query of shape " + shape_str(q_shape) +
+             " (no key/value inputs): its last dimension is not 3 * D");
+      }
+      args.token_stride = d;
+      d /= 3;
+      args.k = args.q + d;
+      args.v = args.q + 2 * d;
+    }
+    if (d % heads_ != 0) {
+      fail("num_heads=" + std::to_string(heads_) + " does not divide the hidden size D=" +
+           std::to_string(d));
+    }
+    args.head_size = d / heads_;
+    args.scale = has_scale_ ? scale_ : 1.f / std::sqrt(float(args.head_size));
+    if (mask) {
+      const std::vector<int64_t> m = mask.GetTensorTypeAndShapeInfo().GetShape();
+      if (m.size() != 4) {
+        fail("attention_bias must be 4-D [B|1, N|1, S|1, S], got " + shape_str(m));
+      }
+      args.mask = float_data(mask, "attention_bias");
+      for (size_t i = 0; i < 4; ++i) args.mask_dims[i] = m[i];
+    }
+    validate_attention(args);  // bounds before the output is allocated
+    Ort::UnownedValue y = ctx.GetOutput(0, {args.batch, args.seq, d});
+    args.y = y.GetTensorMutableData<float>();
+    run_attention(args, path_, OrtRunner(context));
+  }
+
+ private:
+  int64_t heads_ = 0;
+  float scale_ = 0.f;
+  bool has_scale_ = false;
+  AttentionPath path_ = AttentionPath::kRef;
+};
+
+OrtStatusPtr ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
+                                        void** kernel) noexcept {
+  return guarded([&] { *kernel = new AttentionKernel(info); },
+                 "fastonnx Attention: unknown error creating kernel");
+}
+
+OrtStatusPtr ORT_API_CALL compute(void* kernel, OrtKernelContext* context) noexcept {
+  return guarded([&] { static_cast<const AttentionKernel*>(kernel)->compute(context); },
+                 "fastonnx Attention: unknown error in compute");
+}
+
+void ORT_API_CALL destroy_kernel(void* kernel) noexcept {
+  delete static_cast<AttentionKernel*>(kernel);
+}
+
+}  // namespace
+
+AttentionOp::AttentionOp() : OrtCustomOp{} {
+  version = ORT_API_VERSION;
+  GetName = [](const OrtCustomOp*) { return "Attention"; };
+  GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return nullptr; };
+  GetInputTypeCount = [](const OrtCustomOp*) { return kInputCount; };
+  // Types are checked in compute, so a wrong one is an error that names the input.
+  GetInputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; };
+  GetInputCharacteristic = [](const OrtCustomOp*, size_t index) {
+    return index == kQuery ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  };
+  GetOutputTypeCount = [](const OrtCustomOp*) { return size_t{1}; };
+  GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
+  GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+  GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+  GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 0; };
+  GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 0; };
+  CreateKernel = nullptr;
+  KernelCompute = nullptr;
+  CreateKernelV2 = create_kernel;
+  KernelComputeV2 = compute;
+  KernelDestroy = destroy_kernel;
+  InferOutputShapeFn = nullptr;
+  GetStartVersion = [](const OrtCustomOp*) { return 1; };
+  GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
+  GetMayInplace = nullptr;
+  ReleaseMayInplace = nullptr;
+  GetAliasMap = nullptr;
+  ReleaseAliasMap = nullptr;
+}
+
+}  // namespace fastonnx::ort
