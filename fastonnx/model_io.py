@@ -117,8 +117,37 @@ def _text(value: str | bytes) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _external_locations(proto: onnx.ModelProto) -> Iterator[tuple[str, str, int, int]]:
-    """(tensor name, location, offset, length) of every external initializer, subgraphs too."""
+# Element types stored two to a byte.
+_PACKED_4BIT = {
+    getattr(onnx.TensorProto, t)
+    for t in ("INT4", "UINT4", "FLOAT4E2M1")
+    if hasattr(onnx.TensorProto, t)
+}
+
+
+def _data_bytes(tensor: onnx.TensorProto, name: str) -> int:
+    """Bytes the tensor's dims and type need (what a reader will take from its data file)."""
+    if any(d < 0 for d in tensor.dims):
+        raise ModelLoadError(f"tensor '{name}' has a negative dimension {list(tensor.dims)}")
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    if tensor.data_type in _PACKED_4BIT:
+        return (count + 1) // 2
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        raise ModelLoadError(
+            f"tensor '{name}' has element type {tensor.data_type}, which cannot be external data"
+        ) from None
+    if tensor.data_type == onnx.TensorProto.STRING:
+        raise ModelLoadError(f"tensor '{name}' holds strings, which cannot be external data")
+    return count * itemsize
+
+
+def _external_locations(proto: onnx.ModelProto) -> Iterator[tuple[str, str, int, int, int]]:
+    """(tensor name, location, offset, length, bytes its dims need) of every external
+    initializer, subgraphs too."""
 
     for graph in _graphs(proto.graph):
         for tensor in graph.initializer:
@@ -142,7 +171,7 @@ def _external_locations(proto: onnx.ModelProto) -> Iterator[tuple[str, str, int,
                 raise ModelLoadError(
                     f"tensor '{name}' has a non-numeric external data offset or length"
                 ) from None
-            yield name, info.get("location", ""), offset, length
+            yield name, info.get("location", ""), offset, length, _data_bytes(tensor, name)
 
 
 def external_data_files(path: str | os.PathLike) -> list[Path]:
@@ -152,7 +181,7 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
     """
     path = Path(path)
     proto = onnx.load(path, load_external_data=False)
-    found = {(path.parent / loc).resolve() for _, loc, _, _ in _external_locations(proto)}
+    found = {(path.parent / loc).resolve() for _, loc, *_ in _external_locations(proto)}
     return sorted(found)
 
 
@@ -214,9 +243,9 @@ def check_external_locations(
 
 def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
     entries = list(_external_locations(proto))
-    check_external_locations(((n, loc) for n, loc, _, _ in entries), path.parent, what=str(path))
+    check_external_locations(((n, loc) for n, loc, *_ in entries), path.parent, what=str(path))
     sizes: dict[Path, int] = {}
-    for name, location, offset, length in entries:
+    for name, location, offset, length, needed in entries:
         data_path = path.parent / location
         if data_path not in sizes:
             if not data_path.is_file():
@@ -225,10 +254,19 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
                     f"needed by tensor '{name}'; keep the .onnx and its data file together"
                 )
             sizes[data_path] = data_path.stat().st_size
-        if offset < 0 or length < -1 or (length >= 0 and offset + length > sizes[data_path]):
+        if offset < 0 or length < -1:
+            raise ModelLoadError(
+                f"{path}: tensor '{name}' has a negative external data offset or length"
+            )
+        if 0 <= length < needed:
+            raise ModelLoadError(
+                f"{path}: tensor '{name}' says its external data is {length} bytes, but its "
+                f"shape and type need {needed}"
+            )
+        if offset + needed > sizes[data_path]:
             raise ModelLoadError(
                 f"{path}: external data file '{location}' is truncated: tensor '{name}' needs "
-                f"bytes {offset}..{offset + length} but the file has {sizes[data_path]}"
+                f"bytes {offset}..{offset + needed} but the file has {sizes[data_path]}"
             )
 
 
@@ -359,7 +397,7 @@ def as_model(model: ir.Model | onnx.ModelProto | str | os.PathLike) -> ir.Model:
     if isinstance(model, onnx.ModelProto):
         # No folder: any external data reference is refused (before onnx_ir would resolve it
         # against the working directory).
-        entries = ((n, loc) for n, loc, _, _ in _external_locations(model))
+        entries = ((n, loc) for n, loc, *_ in _external_locations(model))
         check_external_locations(entries, None, what="the model")
         check_fastonnx_nodes(model, what="the model")
         return ir.serde.deserialize_model(model)

@@ -18,6 +18,13 @@ half=$(( total / 2 > 1 ? total / 2 : 1 ))
 out=build/fuzz
 mkdir -p "$out/artifacts" "$out/run-blobs" "$out/run-loaders"
 
+# Before installing anything: the Python target fuzzes whatever `import fastonnx` finds, so
+# refuse another checkout's (activate this checkout's environment; `pip install -e .`).
+where=$(python -c "import fastonnx, os; print(os.path.dirname(os.path.realpath(fastonnx.__file__)))")
+if [ "$where" != "$(pwd -P)/fastonnx" ]; then
+  echo "fuzz.sh: python imports fastonnx from $where, not this checkout; activate its environment" >&2
+  exit 2
+fi
 if ! command -v clang++ >/dev/null; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get install -y -q clang >/dev/null
@@ -29,13 +36,6 @@ fi
 python -c "import atheris" 2>/dev/null ||
   python -m pip install --quiet --disable-pip-version-check "atheris==3.0.0"
 
-# The Python target fuzzes whatever `import fastonnx` finds: say which, and refuse another
-# checkout's (an activated environment of this one is needed).
-where=$(python -c "import fastonnx, os; print(os.path.dirname(os.path.realpath(fastonnx.__file__)))")
-if [ "$where" != "$(pwd -P)/fastonnx" ]; then
-  echo "fuzz.sh: python imports fastonnx from $where, not this checkout; activate its environment" >&2
-  exit 2
-fi
 python fuzz/make_corpus.py "$out/corpus"
 
 # Rebuild the C++ target when a source is newer than it.

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -430,6 +431,13 @@ _FUZZ_MODELS = {
         "gD9aFAoBeBIPCg0IARIJCgMSAUIKAggIYhQKAXkSDwoNCAESCQoDEgGRCgIICEIECgAQEQ==",
         "invalid ONNX model",
     ),
+    # 12 floats (48 bytes) stored as "length 32" in a 32-byte w.data: only the length was
+    # checked against the file, so onnx_ir's read failed with a ValueError traceback
+    "length-short-of-shape": (
+        "CAo6ewoOCgF4CgFiEgF5IgNBZGQSA2FkZCo4CAwQAUIBYmoSCghsb2NhdGlvbhIGdy5kYXRhagsKBm9mZnNldBIB"
+        "MGoMCgZsZW5ndGgSAjMycAFaFAoBeBIPCg0IARIJCgMSAUIKAggIYhQKAXkSDwoNCAESCQoDEgFCCgIICEIECgAQEQ==",
+        "says its external data is 32 bytes, but its shape and type need 48",
+    ),
 }
 
 
@@ -440,6 +448,7 @@ def test_fuzz_models_are_clear_errors(tmp_path, capsys, case):
     data, message = _FUZZ_MODELS[case]
     src = tmp_path / "m.onnx"
     src.write_bytes(base64.b64decode(data))
+    (tmp_path / "w.data").write_bytes(bytes(32))  # as the fuzz target has beside its models
     with pytest.raises(ModelLoadError, match=message):
         load_model(src)
     assert optimize_cli(src, "-o", tmp_path / "o.onnx") == 2
@@ -459,3 +468,37 @@ def test_internal_errors_exit_3_not_1(tmp_path, monkeypatch, capsys):
     assert optimize_cli(src, "-o", tmp_path / "o.onnx", "--preset", "fuse") == 3
     err = capsys.readouterr().err
     assert "RuntimeError: boom" in err and "internal error" in err.strip().splitlines()[-1]
+
+
+def test_empty_batch_through_a_sparse_int8_encoder(encoder_exports, tmp_path):
+    # Finding 4 end to end: batch 0 through a lowered model gives the float model's empty shape.
+    pytest.importorskip("fastonnx._native")
+    from encoders import Combo
+    from test_optimize_cli import _prune
+
+    import fastonnx
+
+    src = encoder_exports.get(Combo("bert", "sdpa", "dynamo")).path
+    pruned, out = tmp_path / "pruned.onnx", tmp_path / "sparse.onnx"
+    _prune(src, pruned)
+    optimize(pruned, preset="sparse-int8", num_samples=2).save(out)
+    graph = onnx.load(out, load_external_data=False).graph
+    assert any(n.op_type == "SparseLinear" for n in graph.node)
+    feed = {i.name: np.zeros((0, 16), np.int64) for i in graph.input}
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feed)
+    got = fastonnx.make_session(str(out)).run(None, feed)
+    assert [a.shape for a in got] == [a.shape for a in ref]
+    assert got[0].shape[0] == 0
+
+
+def test_external_data_shorter_than_the_shape_needs(layout):
+    # No length entry: the tensor's dims (256 floats = 1024 bytes) say how much must be there.
+    (layout / "w.data").write_bytes(bytes(1000))
+    model = layout / "m.onnx"
+    with_location(model, "w.data")
+    proto = onnx.load(model, load_external_data=False)
+    entries = proto.graph.initializer[0].external_data
+    del entries[2]  # the length
+    model.write_bytes(proto.SerializeToString())
+    with pytest.raises(ModelLoadError, match="is truncated: tensor 'b' needs bytes 0..1024"):
+        load_model(model)
