@@ -275,7 +275,11 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
 # can only be caught here (docs/operators.md).
 FASTONNX_DOMAIN = "com.fastonnx"
 FASTONNX_OPSETS = (1,)
-FASTONNX_OP_ATTRIBUTES = {"SparseLinear": {"activation"}, "SparseLinearU8": {"activation"}}
+FASTONNX_OP_ATTRIBUTES = {
+    "SparseLinear": {"activation"},
+    "SparseLinearU8": {"activation"},
+    "Attention": {"num_heads", "scale"},
+}
 
 
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
