@@ -18,8 +18,9 @@ def main() -> int:
     sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__]
     sys.path.insert(0, str(stage))
     sys.modules.pop("fastonnx", None)
-    import fastonnx
     import pytest
+
+    import fastonnx
     from fastonnx import _native
 
     where = Path(_native.__file__).resolve()
