@@ -11,32 +11,32 @@ namespace {
 
 // Cost models: microseconds at M = 128 on one core, least-squares fits to direct kernel timings
 // (`_native.Linear.time_calls`) over the MiniLM and DistilBERT layer shapes, sparsities 0-95%
-// and 1x4 / 16x4 blocks, on the Sapphire Rapids class Xeon of the development machines (with a
-// busy neighbour core: absolute values run high, the ratios are what the choice uses). Each has
+// and 1x4 / 16x4 blocks, on the Sapphire Rapids class Xeon (AMX) of the development machines
+// (10th-percentile times; the ranking is what the choice uses). Each has
 // a per-output term (epilogue), a per-input term (quantization and activation re-layout) and its
 // work term. The VNNI dense/sparse pair keeps the crossover measured on Zen 5 (dense from about
 // 50% non-zero 1x4 groups). With those fits the choice picked the fastest of the three AVX-512 /
-// AMX kernels in 53 of 60 cases and cost 1% on average against always picking the fastest.
+// AMX kernels in 56 of 60 cases and cost 0.6% on average against always picking the fastest.
 double outputs_k(const WeightStats& s) { return 128.0 * double(s.n) * 1e-3; }
 double inputs_k(const WeightStats& s) { return 128.0 * double(s.k) * 1e-3; }
 double dense_groups_k(const WeightStats& s) { return double(s.n * ((s.k + 3) / 4)) * 1e-3; }
 
 double cost_ref(const WeightStats& s) { return 128.0 * double(s.n * s.k) * 1e-3; }
 double cost_avx2(const WeightStats& s) {
-  return 0.5 * outputs_k(s) + 0.5 * inputs_k(s) + 35.0 * double(s.groups_1x4) * 1e-3;
+  return 0.55 * outputs_k(s) + 0.95 * inputs_k(s) + 24.0 * double(s.groups_1x4) * 1e-3;
 }
 double cost_vnni_sparse(const WeightStats& s) {
-  return 0.51 * outputs_k(s) + 0.48 * inputs_k(s) + 6.96 * double(s.groups_1x4) * 1e-3;
+  return 0.55 * outputs_k(s) + 0.95 * inputs_k(s) + 4.78 * double(s.groups_1x4) * 1e-3;
 }
 double cost_vnni_dense(const WeightStats& s) {
-  return 0.51 * outputs_k(s) + 0.48 * inputs_k(s) + 3.48 * dense_groups_k(s);
+  return 0.55 * outputs_k(s) + 0.95 * inputs_k(s) + 2.39 * dense_groups_k(s);
 }
 // One tdpbsud per chunk and row tile; on this CPU a gathered chunk costs about as much as a
 // contiguous one (its row copies overlap the tile products).
 double cost_amx(const WeightStats& s) {
   const double contiguous = double(s.chunks_16x4 - s.gathered_chunks);
-  return 0.85 * outputs_k(s) + 0.37 * inputs_k(s) + 0.44 * contiguous +
-         0.43 * double(s.gathered_chunks);
+  return 0.77 * outputs_k(s) + 0.70 * inputs_k(s) + 0.26 * contiguous +
+         0.25 * double(s.gathered_chunks);
 }
 
 std::unique_ptr<LinearKernel> make_vnni(const PackedWeightView& v) { return make_linear_avx512_vnni(v); }
