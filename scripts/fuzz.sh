@@ -27,7 +27,8 @@ if [ "$where" != "$(pwd -P)/fastonnx" ]; then
 fi
 if ! command -v clang++ >/dev/null; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    apt-get install -y -q clang >/dev/null
+    # A new machine may have no package lists yet.
+    apt-get update -q >/dev/null && apt-get install -y -q clang >/dev/null
   else
     echo "fuzz.sh: clang++ not found (apt-get install clang)" >&2
     exit 2
