@@ -34,9 +34,12 @@ class EncoderError(ValueError):
     """Bad input to the encoder: the message names what is wrong."""
 
 
-def _pooling_config(folder: Path) -> tuple[str, bool]:
+def pooling_config(folder: str | os.PathLike | None) -> tuple[str, bool]:
     """(pooling, normalize) from a sentence-transformers folder; ("mean", False) otherwise."""
     pooling, normalize = "mean", False
+    if folder is None:
+        return pooling, normalize
+    folder = Path(folder)
     config = folder / "1_Pooling" / "config.json"
     if config.is_file():
         cfg = json.loads(config.read_text())
@@ -79,7 +82,7 @@ class Encoder:
             folder = Path(tokenizer)
             tokenizer = load_tokenizer(folder)
         self.tokenizer = tokenizer
-        cfg_pooling, cfg_normalize = _pooling_config(folder) if folder else ("mean", False)
+        cfg_pooling, cfg_normalize = pooling_config(folder)
         self.pooling = pooling or cfg_pooling
         if self.pooling not in ("mean", "cls"):
             raise EncoderError(f"pooling must be 'mean' or 'cls', got {self.pooling!r}")

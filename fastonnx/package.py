@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -112,7 +111,7 @@ def package(
 
     ``pooling``: "mean", "cls", "none" or None (from ``config_dir``'s sentence-transformers
     configuration; mean when there is none). Only for token-state outputs [B, S, D]."""
-    from fastonnx.encoder import _pooling_config
+    from fastonnx.encoder import pooling_config
 
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs}
@@ -121,9 +120,7 @@ def package(
     unknown = set(inputs) - set(_TOKENIZER_OUTPUTS)
     if unknown:
         raise PackageError(f"the tokenizer does not give the model inputs {sorted(unknown)}")
-    cfg_pooling, cfg_normalize = (
-        _pooling_config(Path(config_dir)) if config_dir else ("mean", False)
-    )
+    cfg_pooling, cfg_normalize = pooling_config(config_dir)
     model_max = getattr(tokenizer, "model_max_length", _MAX_LENGTH_CAP) or _MAX_LENGTH_CAP
     max_length = max_length or min(int(model_max), _MAX_LENGTH_CAP)
     if max_length < 2:

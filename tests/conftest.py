@@ -22,3 +22,20 @@ def encoder_exports(tmp_path_factory):
     from encoders import ExportCache
 
     return ExportCache(tmp_path_factory.mktemp("encoder_exports"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(encoder_exports) -> Path:
+    """A 2-layer random BERT exported with the dynamo exporter (weights in external data)."""
+    from encoders import Combo
+
+    return encoder_exports.get(Combo("bert", "sdpa", "dynamo")).path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """(tokenizer, folder) matching tiny_bert's vocabulary."""
+    pytest.importorskip("transformers")
+    import tiny_tokenizer
+
+    return tiny_tokenizer.make_tokenizer(tmp_path_factory.mktemp("tok"))

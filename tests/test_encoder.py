@@ -6,11 +6,9 @@ import json
 import threading
 
 import numpy as np
-import onnxruntime as ort
 import pytest
-import tiny_tokenizer
-from encoders import Combo
 from onnx import TensorProto, helper, numpy_helper
+from tiny_tokenizer import token_states
 
 import fastonnx
 from fastonnx.encoder import EncoderError
@@ -26,24 +24,10 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(encoder_exports):
-    return encoder_exports.get(Combo("bert", "sdpa", "dynamo")).path
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tiny_tokenizer.make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
 def bare_mean_pooled(model_path, tok, text):
     """One text, unpadded, through a plain session: the reference."""
-    sess = ort.InferenceSession(str(model_path))
     ids = np.array([tok(text)["input_ids"]], dtype=np.int64)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    if "token_type_ids" in {i.name for i in sess.get_inputs()}:
-        feeds["token_type_ids"] = np.zeros_like(ids)
-    return sess.run(None, feeds)[0][0].mean(axis=0)
+    return token_states(model_path, ids)[0].mean(axis=0)
 
 
 def test_encode_matches_the_bare_session_in_input_order(tiny_bert, tokenizer):

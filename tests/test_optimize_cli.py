@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from encoders import Combo
 from onnx import TensorProto, helper, numpy_helper
 
 from fastonnx import verify
@@ -22,12 +21,6 @@ from fastonnx.optimizer import optimize
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = "the a an movie film plot actor story is was not very good bad long dull and but it"
 VOCAB = SPECIAL_TOKENS + WORDS.split(" ")
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(encoder_exports) -> Path:
-    """A 2-layer random BERT exported with the dynamo exporter (weights in external data)."""
-    return encoder_exports.get(Combo("bert", "sdpa", "dynamo")).path
 
 
 def cli(*args) -> int:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-import tiny_tokenizer
-from encoders import Combo
+from tiny_tokenizer import token_states
 
 from fastonnx.cli import main
 from fastonnx.model_io import load_model, save_model
@@ -18,28 +17,10 @@ ortx = pytest.importorskip("onnxruntime_extensions")
 TEXTS = ["the movie was very good", "Bad!", "but the plot was long, and dull", "it is a film"]
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(encoder_exports):
-    return encoder_exports.get(Combo("bert", "sdpa", "dynamo")).path
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return tiny_tokenizer.make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
 def text_session(path):
     so = ort.SessionOptions()
     so.register_custom_ops_library(ortx.get_library_path())
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def token_states(model_path, ids):
-    sess = ort.InferenceSession(str(model_path))
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    if "token_type_ids" in {i.name for i in sess.get_inputs()}:
-        feeds["token_type_ids"] = np.zeros_like(ids)
-    return sess.run(None, feeds)[0]
 
 
 def test_packaged_model_equals_hf_tokenized_model(tiny_bert, tokenizer, tmp_path):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import tiny_tokenizer
-from encoders import VOCAB, Combo
+from encoders import VOCAB
 from onnx import TensorProto, helper
+from tiny_tokenizer import token_states
 
 from fastonnx.cli import main
 from fastonnx.model_io import load_model
@@ -20,23 +20,8 @@ transformers = pytest.importorskip("transformers")
 CORPUS = ["the movie was very good", "but the plot was long and dull", "it is not a film"]
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(encoder_exports):
-    return encoder_exports.get(Combo("bert", "sdpa", "dynamo")).path
-
-
 def make_tokenizer(tmp_path, size=VOCAB):
     return tiny_tokenizer.make_tokenizer(tmp_path, size)
-
-
-def run(model, ids):
-    if isinstance(model, ir.Model):
-        model = ir.to_proto(model).SerializeToString()
-    sess = ort.InferenceSession(model if isinstance(model, bytes) else str(model))
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    if "token_type_ids" in {i.name for i in sess.get_inputs()}:
-        feeds["token_type_ids"] = np.zeros_like(ids)
-    return sess.run(None, feeds)[0]
 
 
 def test_trimmed_model_equals_original_on_kept_ids(tiny_bert, tmp_path):
@@ -51,7 +36,7 @@ def test_trimmed_model_equals_original_on_kept_ids(tiny_bert, tmp_path):
     assert used <= kept and report.vocab_after == len(kept) < report.vocab_before == VOCAB
     assert report.params_after < report.params_before
     ids = np.array(tokenizer(CORPUS[:2], padding=True)["input_ids"], dtype=np.int64)
-    np.testing.assert_array_equal(run(model, ids), run(tiny_bert, ids))
+    np.testing.assert_array_equal(token_states(model, ids), token_states(tiny_bert, ids))
     assert coverage(report, tokenizer, CORPUS) == 1.0
 
 
@@ -62,7 +47,7 @@ def test_dropped_ids_act_as_the_unknown_token(tiny_bert, tmp_path):
     dropped = [i for i in range(VOCAB) if i not in set(report.kept.tolist())][:5]
     ids = np.array([[2, *dropped, 3]], dtype=np.int64)
     as_unknown = np.where(np.isin(ids, dropped), tokenizer.unk_token_id, ids)
-    np.testing.assert_array_equal(run(model, ids), run(tiny_bert, as_unknown))
+    np.testing.assert_array_equal(token_states(model, ids), token_states(tiny_bert, as_unknown))
     text = "the filler900 movie"  # one token out of the corpus' vocabulary
     assert coverage(report, tokenizer, [text]) == pytest.approx(4 / 5)  # [CLS] .. [SEP]
 

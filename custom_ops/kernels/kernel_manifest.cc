@@ -39,8 +39,6 @@ double cost_amx(const WeightStats& s) {
          0.25 * double(s.gathered_chunks);
 }
 
-std::unique_ptr<LinearKernel> make_vnni(const PackedWeightView& v) { return make_linear_avx512_vnni(v); }
-
 const std::vector<KernelEntry>& entries() {
   static const std::vector<KernelEntry> list = {
       {"s8u8_dense__ref", Isa::kRef, Isa::kRef, false, false, {1, 4},
@@ -48,7 +46,8 @@ const std::vector<KernelEntry>& entries() {
       {"s8u8_spmm_1x4_m32__avx2", Isa::kAvx2, Isa::kAvx2, false, true, {1, 4},
        "1x4 groups, 8-row tiles, int16 vpmaddwd (exact)", cost_avx2, make_linear_avx2},
       {"s8u8_spmm_1x4_m64__avx512_vnni", Isa::kAvx512Vnni, Isa::kAvx512Vnni, false, true, {1, 4},
-       "1x4 groups broadcast against 64 rows, vpdpbusd", cost_vnni_sparse, make_vnni},
+       "1x4 groups broadcast against 64 rows, vpdpbusd", cost_vnni_sparse,
+       make_linear_avx512_vnni},
       {"s8u8_gemm_6x64__avx512_vnni", Isa::kAvx512Vnni, Isa::kAvx512Vnni, false, false, {1, 4},
        "register-blocked dense GEMM, 6 rows x 64 channels", cost_vnni_dense,
        make_linear_avx512_dense},

@@ -164,5 +164,6 @@ def coverage(report: TrimReport, tokenizer, texts: Sequence[str], max_length: in
     """Fraction of the tokens of ``texts`` the trimmed model keeps (the rest become unknown)."""
     counts = corpus_ids(tokenizer, texts, max_length)
     total = sum(counts.values())
-    kept = sum(c for i, c in counts.items() if i in set(report.kept.tolist()))
+    kept_ids = set(report.kept.tolist())
+    kept = sum(c for i, c in counts.items() if i in kept_ids)
     return kept / total if total else 1.0
