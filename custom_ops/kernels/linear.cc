@@ -19,8 +19,15 @@ void check_args(const LinearArgs& a) {
   if ((a.x == nullptr) == (a.xq == nullptr)) {
     throw std::invalid_argument("exactly one of a float or a uint8 input is required");
   }
-  if (a.xq && !a.per_tensor) {
-    throw std::invalid_argument("a uint8 input needs its x_scale (static quantization)");
+  if ((a.x_row_scale == nullptr) != (a.x_row_zero_point == nullptr)) {
+    throw std::invalid_argument("per-row input scales and zero points come together");
+  }
+  if (a.x_row_scale && (!a.xq || a.per_tensor)) {
+    throw std::invalid_argument("per-row input quantization needs a uint8 input and no x_scale");
+  }
+  if (a.xq && !a.per_tensor && !a.x_row_scale) {
+    throw std::invalid_argument(
+        "a uint8 input needs its x_scale (static quantization) or per-row scales");
   }
   if (a.per_tensor && !(std::isfinite(a.x_scale) && a.x_scale > 0.f)) {
     throw std::invalid_argument("x_scale must be finite and > 0, got " +
@@ -125,6 +132,9 @@ void LinearKernel::run(const LinearArgs& args, const Runner& runner) const {
     };
     run_tasks(runner, size_t(tasks), quantize_task);
     xq = quantized.data();
+  } else if (args.x_row_scale) {
+    std::copy(args.x_row_scale, args.x_row_scale + m, row_scale.data());
+    std::copy(args.x_row_zero_point, args.x_row_zero_point + m, row_zp.data());
   } else {
     std::fill(row_scale.data(), row_scale.data() + m, args.x_scale);
     std::fill(row_zp.data(), row_zp.data() + m, int32_t{args.x_zero_point});

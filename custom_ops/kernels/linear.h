@@ -48,6 +48,10 @@ struct LinearArgs {
   bool per_tensor = false;  // static quantization with x_scale / x_zero_point
   float x_scale = 1.f;
   uint8_t x_zero_point = 0;
+  // Or, for a uint8 xq, per-row quantization parameters ([m] each), as a fastonnx LayerNorm
+  // emits them (layer_norm.h). A NaN scale gives a NaN output row.
+  const float* x_row_scale = nullptr;
+  const uint8_t* x_row_zero_point = nullptr;
   const float* bias = nullptr;      // [n] or null
   const float* residual = nullptr;  // [m, n] or null
   Activation activation = Activation::kNone;
