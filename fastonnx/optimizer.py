@@ -43,7 +43,7 @@ from fastonnx.passes.quantize_qdq import QuantizeConfig, QuantizedLayer, Skipped
 PRESETS: dict[str, tuple[str, ...]] = {
     "fuse": ("fuse",),  # fuse_encoder runs the clean-up itself
     "int8": ("fuse", "quantize"),
-    "sparse-int8": ("fuse", "quantize", "lower_sparse", "lower_attention"),
+    "sparse-int8": ("fuse", "quantize", "lower_sparse", "lower_attention", "lower_layer_norm"),
 }
 DEFAULT_PRESET = "sparse-int8"
 
@@ -187,6 +187,7 @@ _PASS_MODULES = {
     "quantize": "fastonnx.passes.quantize_qdq",
     "lower_sparse": "fastonnx.passes.lower_sparse",
     "lower_attention": "fastonnx.passes.lower_attention",
+    "lower_layer_norm": "fastonnx.passes.lower_layer_norm",
 }
 
 
@@ -199,7 +200,7 @@ def require_passes(preset: str) -> None:
             # Only a missing fastonnx module is a build problem; anything else is a bug.
             if not (exc.name or "").startswith("fastonnx"):
                 raise
-            hint = "; use --preset int8" if step in ("lower_sparse", "lower_attention") else ""
+            hint = "; use --preset int8" if step.startswith("lower_") else ""
             raise OptimizeError(
                 f"preset '{preset}' needs {exc.name}, which this fastonnx build lacks{hint}"
             ) from exc
@@ -238,6 +239,13 @@ def _pass_lower_attention(model: ir.Model, ctx: _Context) -> PassRecord:
     return PassRecord("lower_attention", report.counts(), 0.0, report)
 
 
+def _pass_lower_layer_norm(model: ir.Model, ctx: _Context) -> PassRecord:
+    from fastonnx.passes.lower_layer_norm import lower_layer_norm
+
+    report = lower_layer_norm(model)
+    return PassRecord("lower_layer_norm", report.counts(), 0.0, report)
+
+
 def _changed(record: PassRecord) -> bool:
     # "skipped" counts say what a pass did not do.
     return any(v for k, v in record.counts.items() if "skipped" not in k)
@@ -263,6 +271,7 @@ _PASSES: dict[str, Callable[[ir.Model, _Context], PassRecord]] = {
     "quantize": _pass_quantize,
     "lower_sparse": _pass_lower_sparse,
     "lower_attention": _pass_lower_attention,
+    "lower_layer_norm": _pass_lower_layer_norm,
 }
 
 

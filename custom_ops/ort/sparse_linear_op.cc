@@ -134,7 +134,7 @@ class SparseLinearKernel {
     Ort::ConstValue row_scale = input(kXRowScale), row_zp = input(kXRowZeroPoint);
     if (row_scale || row_zp) {
       if (!row_scale || !row_zp) fail(name_, "x_row_scale and x_row_zero_point come together");
-      if (!args.xq || args.per_tensor) {
+      if (x_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || args.per_tensor) {
         fail(name_, "x_row_scale / x_row_zero_point quantize a uint8 X per row: X must be uint8 "
                     "and x_scale absent");
       }
@@ -152,7 +152,7 @@ class SparseLinearKernel {
       }
       args.x_row_scale = row_scale.GetTensorData<float>();
       args.x_row_zero_point = row_zp.GetTensorData<uint8_t>();
-    } else if (args.xq && !args.per_tensor) {
+    } else if (x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && !args.per_tensor) {
       fail(name_, "a uint8 X needs x_scale (and x_zero_point), or x_row_scale and x_row_zero_point");
     }
 
