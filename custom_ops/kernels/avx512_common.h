@@ -12,6 +12,7 @@
 #pragma GCC diagnostic pop
 
 #include <cstdint>
+#include <cstring>
 
 #include "linear.h"
 
@@ -76,14 +77,18 @@ FASTONNX_AVX512 static inline __mmask16 tail_mask(int64_t count) {
   return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
 }
 
-// Quantizes rows of X to uint8, bit-identical to scalar::row_quant_params/quantize.
+// Quantizes rows of X to uint8, bit-identical to LinearKernel::quantize_rows (linear.cc): a row
+// holding a NaN or an infinity gets scale NaN, zero point 0 and zero bytes, so its output row is
+// NaN (0 once requantized). The check rides on the passes that read X anyway.
 FASTONNX_AVX512 static inline void quantize_rows(const float* x, int64_t rows, int64_t k,
                                                  bool per_tensor, float x_scale, uint8_t x_zp,
                                                  float* row_scale, int32_t* row_zp, uint8_t* out) {
+  constexpr int kNonFinite = 0x99;  // vfpclassps: QNaN, SNaN, +inf, -inf
   const int64_t full = k / 16 * 16;
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * k;
     uint8_t* qr = out + r * k;
+    __mmask16 bad = 0;
     if (per_tensor) {
       row_scale[r] = x_scale;
       row_zp[r] = x_zp;
@@ -92,6 +97,7 @@ FASTONNX_AVX512 static inline void quantize_rows(const float* x, int64_t rows, i
       int64_t i = 0;
       for (; i + 32 <= full; i += 32) {  // two independent chains
         const __m512 v0 = _mm512_loadu_ps(xr + i), v1 = _mm512_loadu_ps(xr + i + 16);
+        bad |= _mm512_fpclass_ps_mask(v0, kNonFinite) | _mm512_fpclass_ps_mask(v1, kNonFinite);
         lo0 = _mm512_min_ps(lo0, v0);
         hi0 = _mm512_max_ps(hi0, v0);
         lo1 = _mm512_min_ps(lo1, v1);
@@ -99,8 +105,15 @@ FASTONNX_AVX512 static inline void quantize_rows(const float* x, int64_t rows, i
       }
       for (; i < k; i += 16) {
         const __m512 v = _mm512_maskz_loadu_ps(tail_mask(k - i), xr + i);
+        bad |= _mm512_fpclass_ps_mask(v, kNonFinite);
         lo0 = _mm512_min_ps(lo0, v);
         hi0 = _mm512_max_ps(hi0, v);
+      }
+      if (bad) {
+        row_scale[r] = __builtin_nanf("");
+        row_zp[r] = 0;
+        std::memset(qr, 0, size_t(k));
+        continue;
       }
       scalar::quant_params_from_range(_mm512_reduce_min_ps(_mm512_min_ps(lo0, lo1)),
                                       _mm512_reduce_max_ps(_mm512_max_ps(hi0, hi1)),
@@ -109,13 +122,21 @@ FASTONNX_AVX512 static inline void quantize_rows(const float* x, int64_t rows, i
     const __m512 inv_scale = _mm512_set1_ps(1.f / row_scale[r]);
     const __m512 zp = _mm512_set1_ps(static_cast<float>(row_zp[r]));
     for (int64_t i = 0; i < full; i += 16) {
-      const __m512i q = quantize_ps(_mm512_loadu_ps(xr + i), inv_scale, zp);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + i), _mm512_cvtepi32_epi8(q));
+      const __m512 v = _mm512_loadu_ps(xr + i);
+      if (per_tensor) bad |= _mm512_fpclass_ps_mask(v, kNonFinite);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + i),
+                       _mm512_cvtepi32_epi8(quantize_ps(v, inv_scale, zp)));
     }
     if (full < k) {
       const __mmask16 m = tail_mask(k - full);
-      const __m512i q = quantize_ps(_mm512_maskz_loadu_ps(m, xr + full), inv_scale, zp);
-      _mm_mask_storeu_epi8(qr + full, m, _mm512_cvtepi32_epi8(q));
+      const __m512 v = _mm512_maskz_loadu_ps(m, xr + full);
+      if (per_tensor) bad |= _mm512_fpclass_ps_mask(v, kNonFinite);
+      _mm_mask_storeu_epi8(qr + full, m, _mm512_cvtepi32_epi8(quantize_ps(v, inv_scale, zp)));
+    }
+    if (bad) {
+      row_scale[r] = __builtin_nanf("");
+      row_zp[r] = 0;
+      std::memset(qr, 0, size_t(k));
     }
   }
 }

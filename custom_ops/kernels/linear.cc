@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -163,6 +164,15 @@ void LinearKernel::quantize_rows(const float* x, int64_t rows, bool per_tensor, 
                                  uint8_t* out) const {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * k_;
+    uint8_t* qr = out + r * k_;
+    // Quantizing would map NaN to 0 and infinities to the range's end, hiding them; the op's
+    // rule is a NaN output row (0 once requantized), which a NaN scale gives.
+    if (!std::all_of(xr, xr + k_, [](float v) { return std::isfinite(v); })) {
+      row_scale[r] = std::numeric_limits<float>::quiet_NaN();
+      row_zp[r] = 0;
+      std::fill(qr, qr + k_, uint8_t{0});
+      continue;
+    }
     if (per_tensor) {
       row_scale[r] = x_scale;
       row_zp[r] = x_zp;
@@ -170,7 +180,7 @@ void LinearKernel::quantize_rows(const float* x, int64_t rows, bool per_tensor, 
       scalar::row_quant_params(xr, k_, &row_scale[r], &row_zp[r]);
     }
     const float inv_scale = 1.f / row_scale[r];
-    for (int64_t i = 0; i < k_; ++i) out[r * k_ + i] = scalar::quantize(xr[i], inv_scale, row_zp[r]);
+    for (int64_t i = 0; i < k_; ++i) qr[i] = scalar::quantize(xr[i], inv_scale, row_zp[r]);
   }
 }
 

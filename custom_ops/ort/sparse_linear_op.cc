@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <limits>
 #include <cstring>
 #include <memory>
 #include <new>
@@ -40,32 +39,6 @@ const char* op_name(bool quantized_output) {
 
 [[noreturn]] void fail(const std::string& op, const std::string& what) {
   throw std::invalid_argument(op + ": " + what);
-}
-
-// True when x[0..k) holds a NaN or an infinity: exactly the values whose bits without the sign
-// are >= 0x7f800000. A branch-free max, cloned per ISA so it runs at memory speed (it reads X
-// once more, next to the kernel's two passes over X for dynamic quantization).
-__attribute__((target_clones("avx512f", "avx2", "default"))) bool has_non_finite(const float* x,
-                                                                                int64_t k) {
-  int32_t high = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    int32_t bits;
-    std::memcpy(&bits, &x[i], sizeof(bits));
-    bits &= 0x7fffffff;
-    high = bits > high ? bits : high;
-  }
-  return high >= 0x7f800000;
-}
-
-// Quantizing X to uint8 maps NaN to 0 and infinities to the range's end, so the kernels alone
-// would return finite numbers for such rows. The float model gives NaN (or an infinity); the
-// op's rule (docs/operators.md): a row of X holding a NaN or an infinity gives a NaN row of Y
-// (float output) or a 0 row (uint8 output: requantizing NaN gives 0).
-template <class T>
-void poison_non_finite_rows(const float* x, int64_t m, int64_t k, int64_t n, T* y, T value) {
-  for (int64_t r = 0; r < m; ++r) {
-    if (has_non_finite(x + r * k, k)) std::fill(y + r * n, y + (r + 1) * n, value);
-  }
 }
 
 class SparseLinearKernel {
@@ -195,14 +168,8 @@ class SparseLinearKernel {
     } else {
       args.y = y.GetTensorMutableData<float>();
     }
+    // The kernel applies the op's rule for non-finite rows of X itself (linear.h).
     kernel_->run(args, OrtRunner(context));
-    if (args.x) {
-      if (args.y) {
-        poison_non_finite_rows(args.x, args.m, k, n, args.y, std::numeric_limits<float>::quiet_NaN());
-      } else {
-        poison_non_finite_rows(args.x, args.m, k, n, args.yq, uint8_t{0});
-      }
-    }
   }
 
  private:
