@@ -30,6 +30,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="DIR",
         help="Hugging Face tokenizer folder (not for a model with the tokenizer inside)",
     )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        metavar="N",
+        help="truncate texts to N tokens (default: the tokenizer's maximum, <= 512)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument(
@@ -95,6 +101,8 @@ def _check(args: argparse.Namespace) -> str | None:
     for name, value in positive.items():
         if value < 1:
             return f"{name} must be >= 1, got {value}"
+    if args.max_length is not None and args.max_length < 2:
+        return f"--max-length must be >= 2 ([CLS] and [SEP]), got {args.max_length}"
     if args.batch_wait_timeout_s < 0:
         return f"--batch-wait-timeout-s must be >= 0, got {args.batch_wait_timeout_s}"
     if not 0 < args.port < 65536:
@@ -135,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     model = args.model.resolve()
     tokenizer = str(args.tokenizer.resolve()) if args.tokenizer else None
     try:  # fail here, with one line, rather than in every replica's constructor
-        load_text_model(model, tokenizer, threads=1)
+        load_text_model(model, tokenizer, threads=1, max_length=args.max_length)
     except BackendError as exc:
         print(f"fastonnx serve: error: {exc}", file=sys.stderr)
         return 2
@@ -143,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         model=str(model),
         tokenizer=tokenizer,
         threads=args.threads,
+        max_length=args.max_length,
         replicas=args.replicas,
         replica_cpus=args.replica_cpus,
         max_ongoing_requests=args.max_ongoing_requests,

@@ -96,9 +96,11 @@ def load_text_model(
     *,
     threads: int | None = None,
     batch_size: int = 32,
+    max_length: int | None = None,
 ) -> TextModel:
     """A ``TextModel`` for ``model``; ``tokenizer`` (a Hugging Face folder) is required unless
-    the tokenizer is inside the model, and then must not be given."""
+    the tokenizer is inside the model, and then must not be given. ``max_length``: tokens kept
+    per text (default: the tokenizer's maximum, at most 512; a packaged model has its own)."""
     path = Path(model)
     if not path.is_file():
         raise BackendError(f"model {path} does not exist")
@@ -108,6 +110,11 @@ def load_text_model(
     except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and others
         raise BackendError(f"{path} is not an ONNX model: {exc}") from exc
     if text_input is not None:
+        if max_length is not None:
+            raise BackendError(
+                f"{path} has the tokenizer inside: its truncation is fixed in the graph "
+                "(fastonnx package --max-length); give no max_length"
+            )
         if tokenizer is not None:
             raise BackendError(
                 f"{path} has the tokenizer inside (string input '{text_input}'): "
@@ -123,7 +130,7 @@ def load_text_model(
     from fastonnx.encoder import Encoder, EncoderError
 
     try:
-        enc = Encoder(path, tokenizer, threads=threads)
+        enc = Encoder(path, tokenizer, threads=threads, max_length=max_length)
     except (CalibrationError, EncoderError) as exc:
         raise BackendError(str(exc)) from exc
     last = enc.session.get_outputs()[0].shape[-1]

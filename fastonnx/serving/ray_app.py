@@ -43,6 +43,7 @@ class ServeOptions:
     model: str
     tokenizer: str | None = None
     threads: int = 1
+    max_length: int | None = None  # tokens per text (default: the tokenizer's maximum)
     replicas: int = 1
     replica_cpus: float | None = None  # Ray CPUs reserved per replica (None: ``threads``)
     max_ongoing_requests: int = 16
@@ -113,7 +114,7 @@ def _json(response: Response) -> JSONResponse:
 class EncoderDeployment:
     def __init__(self, options: dict) -> None:
         o = ServeOptions(**options)
-        model = load_text_model(o.model, o.tokenizer, threads=o.threads)
+        model = load_text_model(o.model, o.tokenizer, threads=o.threads, max_length=o.max_length)
         self.handler = RequestHandler(
             model,
             max_texts=o.max_texts,

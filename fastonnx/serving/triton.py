@@ -330,6 +330,8 @@ def write_repository(
         raise TritonRepoError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and others
         raise TritonRepoError(f"{model}: not an ONNX model ({exc})") from exc
+    if not proto.graph.node or not proto.graph.output:
+        raise TritonRepoError(f"{model}: not an ONNX model (no nodes or outputs)")
     domains = _domains(proto)
     if _untyped(proto):
         _typed_by_ort(proto, model, domains)
