@@ -34,6 +34,7 @@ class Server:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as the load test's clients expect
+            disable_nagle_algorithm = True  # headers and body go out as separate writes
 
             def do_POST(self):  # noqa: N802 - the http.server naming
                 body = self.rfile.read(int(self.headers["Content-Length"]))

@@ -132,6 +132,14 @@ def _classify(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _connect(target: Target, timeout_s: float) -> http.client.HTTPConnection:
+    conn = http.client.HTTPConnection(target.host, target.port, timeout=timeout_s)
+    conn.connect()
+    # No Nagle delay: small request/response pairs would otherwise wait on delayed ACKs.
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return conn
+
+
 def _one_request(conn: http.client.HTTPConnection, target: Target, body: bytes) -> str | None:
     conn.request("POST", target.path, body=body, headers={"Content-Type": "application/json"})
     response = conn.getresponse()
@@ -178,15 +186,15 @@ def run_level(
                 if issued >= max_requests or time.perf_counter() >= deadline:
                     break
                 issued += 1
-            if conn is None:
-                conn = http.client.HTTPConnection(target.host, target.port, timeout=timeout_s)
             t0 = time.perf_counter()
             try:
+                if conn is None:  # connecting counts in the latency: a client would wait for it
+                    conn = _connect(target, timeout_s)
                 error = _one_request(conn, target, body)
             except (OSError, http.client.HTTPException) as exc:
                 error = _classify(exc)
             t1 = time.perf_counter()
-            if error is not None:  # a fresh connection after any failure
+            if error is not None and conn is not None:  # a fresh connection after a failure
                 conn.close()
                 conn = None
             with lock:
