@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         DEFAULT_TEXTS,
         LoadTestError,
         loopback_target,
-        request_body,
+        request_bodies,
         run_level,
     )
 
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             texts = [t for t in args.texts_file.read_text().splitlines() if t.strip()]
             if not texts:
                 raise LoadTestError(f"--texts-file {args.texts_file} has no lines")
-        body = request_body(texts, args.texts_per_request)
+        body = request_bodies(texts, args.texts_per_request)
         if args.timeout <= 0 or args.bucket <= 0:
             raise LoadTestError("--timeout and --bucket must be > 0")
         if args.kill_replica_at is not None and args.kill_replica_at < 0:

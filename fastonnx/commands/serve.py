@@ -4,6 +4,7 @@ labels out), N replicas, batching and autoscaling passed through to Ray."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -166,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
     )
     name = args.name or APP_NAME
     if args.address is None:  # a new local cluster (never one found by chance), no dashboard
+        # Ray starts workers at niceness +15 by default; replicas doing the serving should run
+        # at this command's own priority (RAY_worker_niceness set by the caller wins).
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address="local", include_dashboard=False)
     else:
         ray.init(address=args.address)

@@ -155,7 +155,7 @@ def _one_request(conn: http.client.HTTPConnection, target: Target, body: bytes) 
 
 def run_level(
     target: Target,
-    body: bytes,
+    body: bytes | list[bytes],
     concurrency: int,
     *,
     max_requests: int,
@@ -163,14 +163,18 @@ def run_level(
     timeout_s: float = 30.0,
     clock_zero: float | None = None,
 ) -> LevelResult:
-    """``concurrency`` client threads send ``body`` until ``max_requests`` were sent or
-    ``max_seconds`` passed (requests in flight then finish, each within ``timeout_s``)."""
+    """``concurrency`` client threads send ``body`` (or the bodies in turn) until
+    ``max_requests`` were sent or ``max_seconds`` passed (requests in flight then finish, each
+    within ``timeout_s``)."""
     if not 1 <= concurrency <= MAX_CONCURRENCY:
         raise LoadTestError(f"concurrency must be in 1..{MAX_CONCURRENCY}, got {concurrency}")
     if not 1 <= max_requests <= MAX_REQUESTS:
         raise LoadTestError(f"requests must be in 1..{MAX_REQUESTS}, got {max_requests}")
     if not 0 < max_seconds <= MAX_SECONDS:
         raise LoadTestError(f"seconds must be in (0, {MAX_SECONDS}], got {max_seconds}")
+    bodies = [body] if isinstance(body, bytes) else list(body)
+    if not bodies:
+        raise LoadTestError("no request bodies")
     lock = threading.Lock()
     issued = 0
     samples: list[Sample] = []
@@ -185,12 +189,13 @@ def run_level(
             with lock:
                 if issued >= max_requests or time.perf_counter() >= deadline:
                     break
+                payload = bodies[issued % len(bodies)]
                 issued += 1
             t0 = time.perf_counter()
             try:
                 if conn is None:  # connecting counts in the latency: a client would wait for it
                     conn = _connect(target, timeout_s)
-                error = _one_request(conn, target, body)
+                error = _one_request(conn, target, payload)
             except (OSError, http.client.HTTPException) as exc:
                 error = _classify(exc)
             t1 = time.perf_counter()
@@ -233,8 +238,22 @@ def timeline(samples: list[Sample], bucket_s: float) -> list[dict]:
     return rows
 
 
-def request_body(texts: list[str], texts_per_request: int) -> bytes:
+def request_bodies(texts: list[str], texts_per_request: int, limit: int = 1000) -> list[bytes]:
+    """Request bodies cycling through ``texts`` (at most ``limit`` distinct ones), so requests
+    carry different sentences as real traffic does."""
     if texts_per_request < 1:
         raise LoadTestError(f"texts per request must be >= 1, got {texts_per_request}")
-    chosen = [texts[i % len(texts)] for i in range(texts_per_request)]
-    return json.dumps({"texts": chosen}).encode()
+    if not texts:
+        raise LoadTestError("no texts to send")
+    count = min(limit, len(texts))
+    return [
+        json.dumps(
+            {
+                "texts": [
+                    texts[(b * texts_per_request + j) % len(texts)]
+                    for j in range(texts_per_request)
+                ]
+            }
+        ).encode()
+        for b in range(count)
+    ]
