@@ -79,6 +79,7 @@ def test_counts_and_errors_by_kind():
     s = result.summary()
     assert s["requests"] == 60 == server.received
     assert s["errors"] == {"http 500": 12}
+    assert s["error_examples"] == {"http 500": '{"error": "injected"}'}
     assert s["ok"] == 48 and len(result.ok_latencies_ms) == 48
     assert s["throughput_rps"] > 0
     assert server.bodies[0] == b'{"texts": ["a"]}'

@@ -83,6 +83,8 @@ def _print_levels(summaries: list[dict]) -> None:
             f"{_fmt(s['p99_ms']):>8} {_fmt(s['max_ms']):>8} {_fmt(s['throughput_rps']):>8}  "
             f"{errors}"
         )
+        for kind, detail in s["error_examples"].items():
+            print(f"      first {kind}: {detail[:200]}")
 
 
 class _Killer:

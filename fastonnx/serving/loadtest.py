@@ -94,6 +94,7 @@ class LevelResult:
     concurrency: int
     wall_s: float
     samples: list[Sample] = field(default_factory=list)
+    examples: dict[str, str] = field(default_factory=dict)  # error kind -> its first detail
 
     @property
     def ok_latencies_ms(self) -> list[float]:
@@ -114,6 +115,7 @@ class LevelResult:
             "requests": len(self.samples),
             "ok": len(ok),
             "errors": self.errors,
+            "error_examples": dict(sorted(self.examples.items())),
             "p50_ms": percentile(ok, 50),
             "p99_ms": percentile(ok, 99),
             "max_ms": max(ok) if ok else math.nan,
@@ -140,17 +142,21 @@ def _connect(target: Target, timeout_s: float) -> http.client.HTTPConnection:
     return conn
 
 
-def _one_request(conn: http.client.HTTPConnection, target: Target, body: bytes) -> str | None:
+def _one_request(
+    conn: http.client.HTTPConnection, target: Target, body: bytes
+) -> tuple[str | None, str]:
+    """(error kind or None, the start of the response body)."""
     conn.request("POST", target.path, body=body, headers={"Content-Type": "application/json"})
     response = conn.getresponse()
     data = response.read()
+    detail = data[:300].decode("utf-8", "replace")
     if response.status != 200:
-        return f"http {response.status}"
+        return f"http {response.status}", detail
     try:
         json.loads(data)
     except ValueError:
-        return "bad response body"
-    return None
+        return "bad response body", detail
+    return None, ""
 
 
 def run_level(
@@ -178,6 +184,7 @@ def run_level(
     lock = threading.Lock()
     issued = 0
     samples: list[Sample] = []
+    examples: dict[str, str] = {}
     start = time.perf_counter()
     zero = start if clock_zero is None else clock_zero
     deadline = start + max_seconds
@@ -195,15 +202,17 @@ def run_level(
             try:
                 if conn is None:  # connecting counts in the latency: a client would wait for it
                     conn = _connect(target, timeout_s)
-                error = _one_request(conn, target, payload)
+                error, detail = _one_request(conn, target, payload)
             except (OSError, http.client.HTTPException) as exc:
-                error = _classify(exc)
+                error, detail = _classify(exc), str(exc)
             t1 = time.perf_counter()
             if error is not None and conn is not None:  # a fresh connection after a failure
                 conn.close()
                 conn = None
             with lock:
                 samples.append(Sample(t0 - zero, t1 - t0, error))
+                if error is not None:
+                    examples.setdefault(error, detail)
         if conn is not None:
             conn.close()
 
@@ -212,7 +221,7 @@ def run_level(
         t.start()
     for t in threads:
         t.join()
-    return LevelResult(concurrency, time.perf_counter() - start, samples)
+    return LevelResult(concurrency, time.perf_counter() - start, samples, examples)
 
 
 def timeline(samples: list[Sample], bucket_s: float) -> list[dict]:
