@@ -178,6 +178,25 @@ def test_models_that_cannot_be_served(tiny_bert, tmp_path):
         load_text_model(junk, tmp_path)
 
 
+def test_model_without_token_inputs_is_refused(tmp_path, tokenizer):
+    import onnx
+    from onnx import TensorProto, helper
+
+    _, folder = tokenizer
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    path = tmp_path / "relu.onnx"
+    onnx.save(model, path)
+    with pytest.raises(BackendError, match="no 'input_ids' input"):
+        load_text_model(path, folder)
+
+
 def test_serve_command_bad_input_exits_2(tiny_bert, tmp_path, capsys, monkeypatch):
     assert main(["serve", str(tiny_bert), "--replicas", "0"]) == 2
     assert "--replicas must be >= 1" in capsys.readouterr().err
@@ -186,3 +205,34 @@ def test_serve_command_bad_input_exits_2(tiny_bert, tmp_path, capsys, monkeypatc
     monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as if Ray were not installed
     assert main(["serve", str(tiny_bert)]) == 2
     assert "fastonnx[serve]" in capsys.readouterr().err
+
+
+def test_serve_run_builder_arguments_and_deployment_options():
+    pytest.importorskip("ray")  # imports Ray only; starts no cluster
+    from fastonnx.serving.ray_app import ServeOptions
+
+    o = ServeOptions.from_args(
+        {"model": "/m.onnx", "tokenizer": "/tok", "replicas": "2", "batch_wait_timeout_s": "0.01"}
+    )
+    assert (o.model, o.tokenizer, o.replicas, o.batch_wait_timeout_s) == (
+        "/m.onnx",
+        "/tok",
+        2,
+        0.01,
+    )
+    assert o.deployment_options() == {
+        "max_ongoing_requests": 16,
+        "ray_actor_options": {"num_cpus": 1},
+        "num_replicas": 2,
+    }
+    scaled = ServeOptions(model="/m", replicas=2, max_replicas=6, threads=2, replica_cpus=0.5)
+    options = scaled.deployment_options()
+    assert "num_replicas" not in options and options["ray_actor_options"] == {"num_cpus": 0.5}
+    assert options["autoscaling_config"] == {
+        "min_replicas": 2,
+        "initial_replicas": 2,
+        "max_replicas": 6,
+        "target_ongoing_requests": 2.0,
+    }
+    with pytest.raises(ValueError, match=r"unknown fastonnx serve option\(s\) \['replica'\]"):
+        ServeOptions.from_args({"model": "/m", "replica": "2"})
