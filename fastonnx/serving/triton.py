@@ -241,7 +241,8 @@ def config_text(
 
 
 def model_config_schema():
-    """Triton's ``model_config_pb2`` module from the tritonclient package, or None.
+    """Triton's ``model_config_pb2`` module from the tritonclient package, or None when
+    tritonclient is not installed (TritonRepoError when it is but its schema does not load).
 
     ``tritonclient.grpc`` refuses to import without its grpc extra, although the schema
     module itself needs only protobuf: load that one file directly then."""
@@ -267,7 +268,12 @@ def model_config_schema():
         return None
     module_spec = importlib.util.spec_from_file_location(key, path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - e.g. protobuf older than the schema's gencode
+        raise TritonRepoError(
+            f"Triton's schema in {path} does not load with this protobuf: {exc}"
+        ) from exc
     sys.modules[key] = module
     return module
 
