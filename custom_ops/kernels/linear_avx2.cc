@@ -46,7 +46,7 @@ FASTONNX_AVX2 static inline __m256 exp_ps(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
-// GELU with erf from Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), as on the AVX-512 path.
+// GELU with erf from Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7).
 FASTONNX_AVX2 static inline __m256 gelu_ps(__m256 x) {
   const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f));
   const __m256 sign_bit = _mm256_set1_ps(-0.f);
