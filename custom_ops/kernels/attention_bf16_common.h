@@ -147,7 +147,7 @@ struct Work {
 // every key is skipped for every query (the output rows are then written: the mean of V).
 FASTONNX_AVX512_BF16 static inline bool prepare(const AttentionArgs& a, const Task& t,
                                                 int64_t rows, int64_t key_multiple, Work& w) {
-  const int64_t s_len = a.seq, h = a.head_size, stride = a.token_stride;
+  const int64_t s_len = t.seq, h = a.head_size, stride = a.token_stride;
   const int64_t d = a.heads * a.head_size;
   w.hp = round_up(h, 32);
   w.qw = w.hp / 2;
@@ -322,7 +322,7 @@ FASTONNX_AVX512_BF16 static inline void softmax_rows(const AttentionArgs& a, con
     }
     const float max = _mm512_reduce_max_ps(vmax);
     if (max == -INFINITY) {  // every key of this row skipped
-      if (!w.have_mean) mean_v(t.v, a.seq, a.head_size, a.token_stride, w.vmean);
+      if (!w.have_mean) mean_v(t.v, t.seq, a.head_size, a.token_stride, w.vmean);
       w.have_mean = true;
       std::memcpy(t.y + (s0 + r) * d, w.vmean, size_t(a.head_size) * 4);
       std::memset(prow, 0, size_t(tcp) * 2);
