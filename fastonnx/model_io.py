@@ -279,6 +279,8 @@ FASTONNX_OP_ATTRIBUTES = {
     "SparseLinear": {"activation"},
     "SparseLinearU8": {"activation"},
     "Attention": {"num_heads", "scale"},
+    "PackTokens": set(),
+    "UnpackTokens": set(),
 }
 
 
