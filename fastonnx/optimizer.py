@@ -247,7 +247,10 @@ def _pass_lower_attention(model: ir.Model, ctx: _Context) -> PassRecord:
 def _pass_pack_tokens(model: ir.Model, ctx: _Context) -> PassRecord:
     from fastonnx.passes.pack_tokens import PackingReport, pack_tokens
 
-    report = pack_tokens(model) if ctx.packing else PackingReport(reason="turned off (--no-packing)")
+    if ctx.packing:
+        report = pack_tokens(model)
+    else:
+        report = PackingReport(reason="turned off (--no-packing)")
     return PassRecord("pack_tokens", report.counts(), 0.0, report)
 
 

@@ -169,8 +169,10 @@ def check_padding_mask(model: ir.Model, mask: ir.Value) -> tuple[ir.Value, str] 
     if source.shape is None or source.shape.rank() != 2:
         return f"'{source.name}' is not known to be 2-D [B, S]"
     for v in inputs:
-        if v.shape is None or v.shape.rank() != 2 or not all(
-            same_dim(a, b) for a, b in zip(v.shape.dims, source.shape.dims, strict=True)
+        if (
+            v.shape is None
+            or v.shape.rank() != 2
+            or not all(same_dim(a, b) for a, b in zip(v.shape.dims, source.shape.dims, strict=True))
         ):
             return f"the attention mask depends on '{v.name}', which is not [B, S] like the mask"
     import onnxruntime as ort
@@ -197,9 +199,9 @@ def check_padding_mask(model: ir.Model, mask: ir.Value) -> tuple[ir.Value, str] 
             b, s = probe.shape
             if m.ndim != 4 or m.shape[-1] != s or m.shape[0] not in (1, b):
                 return f"the attention mask has shape {list(m.shape)} for a [{b}, {s}] input"
-            keep = np.broadcast_to(probe.astype(bool)[:, None, None, :], np.broadcast_shapes(
-                m.shape, (b, 1, 1, s)
-            ))
+            keep = np.broadcast_to(
+                probe.astype(bool)[:, None, None, :], np.broadcast_shapes(m.shape, (b, 1, 1, s))
+            )
             m = np.broadcast_to(m, keep.shape)
             if not (np.all(m[keep] == 0) and np.all(m[~keep] <= SKIP_THRESHOLD)):
                 return (
@@ -347,7 +349,7 @@ def plan_packing(model: ir.Model) -> _Plan | str:
         start.dtype != ir.DataType.FLOAT
         or shape is None
         or shape.rank() != 3
-        or not all(same_dim(a, b) for a, b in zip(shape.dims[:2], mask_input.shape.dims, strict=True))
+        or not all(map(same_dim, shape.dims[:2], mask_input.shape.dims))
     ):
         return f"'{start.name}' is not known to be float [B, S, D] with the mask's B and S"
 
@@ -376,8 +378,10 @@ def plan_packing(model: ir.Model) -> _Plan | str:
             if not (list(out.uses()) or out.is_graph_output()):
                 continue
             s = out.shape
-            if s is None or s.rank() != 3 or not all(
-                same_dim(a, b) for a, b in zip(s.dims[:2], shape.dims[:2], strict=True)
+            if (
+                s is None
+                or s.rank() != 3
+                or not all(same_dim(a, b) for a, b in zip(s.dims[:2], shape.dims[:2], strict=True))
             ):
                 return f"'{out.name}' is not known to be [B, S, *]"
     outside = [n.name for n in attention if id(n) not in nodes]
