@@ -209,6 +209,14 @@ def test_unsupported_patterns_are_left_unchanged(encoder_exports, mutate, reason
     assert np.isfinite(fastonnx.make_session(before, 1).run(None, feeds)[0]).all()
 
 
+def test_packing_twice_changes_nothing(encoder_exports):
+    data, _, _ = padded_model(encoder_exports, COMBOS[0])
+    packed, _ = packed_model(data)
+    again, report = packed_model(packed)
+    assert not report.applied and "already packed" in report.reason
+    assert again == packed
+
+
 def test_model_without_fastonnx_attention_is_left_unchanged(encoder_exports):
     exported = encoder_exports.get(COMBOS[0])
     result = optimizer.optimize(exported.path, preset="int8", num_samples=2)

@@ -326,6 +326,8 @@ def _find_start(attention: ir.Node) -> ir.Value | str:
 def plan_packing(model: ir.Model) -> _Plan | str:
     """How to pack the model, or why it cannot be (a pure function)."""
     graph = model.graph
+    if any(n.op_type == "PackTokens" and n.domain == OP_DOMAIN for n in graph):
+        return "already packed (the model has a PackTokens node)"
     attention = [n for n in graph if n.op_type == "Attention" and n.domain == OP_DOMAIN]
     if not attention:
         return "no com.fastonnx::Attention (the sparse-int8 preset's lower_attention emits it)"
