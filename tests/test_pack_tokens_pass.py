@@ -99,6 +99,38 @@ def test_packed_model_matches_padded_on_every_pattern(encoder_exports, combo):
             assert_packed_matches(got, want, feeds["attention_mask"], case)
 
 
+def _with_first_token_output(data: bytes) -> bytes:
+    """The padded model plus a classifier-style output: Gather(position 0) of the states."""
+    model = load(data)
+    out = model.graph.outputs[0]
+    zero = ir.Value(name="position_0", const_value=ir.tensor(np.int64(0)))
+    model.graph.register_initializer(zero)
+    node = ir.node("Gather", [out, zero], attributes={"axis": 1}, name="first_token")
+    node.outputs[0].name, node.outputs[0].dtype = "cls", ir.DataType.FLOAT
+    node.outputs[0].shape = ir.Shape([out.shape.dims[0], out.shape.dims[2]])
+    model.graph.append(node)
+    model.graph.outputs.append(node.outputs[0])
+    return ir.serde.serialize_model(model).SerializeToString()
+
+
+def test_position_selectors_read_the_restored_states(encoder_exports):
+    """A classifier head's first-token Gather reads UnpackTokens' output: the same vector
+    wherever position 0 is a token, 0 where it is padding."""
+    data, names, pad = padded_model(encoder_exports, COMBOS[0])
+    data = _with_first_token_output(data)
+    packed, report = packed_model(data)
+    assert report.applied, report.reason
+    assert report.outputs == ["last_hidden_state", "Gather 'first_token' (reads positions)"]
+    assert Counter(n.op_type for n in load(packed).graph)["UnpackTokens"] == 1
+    padded_session, packed_session = (fastonnx.make_session(d, 1) for d in (data, packed))
+    for pattern in PATTERNS:
+        feeds = feeds_for(names, pad, pattern, 4, 11, seed=7)
+        want = padded_session.run(None, feeds)[1]
+        got = packed_session.run(None, feeds)[1]
+        first = feeds["attention_mask"][:, :1]
+        assert_packed_matches(got[:, None], want[:, None], first, f"cls pattern={pattern}")
+
+
 @pytest.mark.parametrize("isa", _native.all_isas())
 def test_every_attention_path(encoder_exports, isa, monkeypatch):
     monkeypatch.setenv("FASTONNX_ISA", isa)

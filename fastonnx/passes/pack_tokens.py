@@ -17,7 +17,9 @@ On a model whose self-attention is ``com.fastonnx::Attention`` (the ``sparse-int
 3. rewrites it: ``PackTokens(hidden, attention_mask) -> ([T, D], O)`` after that LayerNorm, every
    region node on [T, *], each Attention reading ``O`` instead of the mask, and
    ``UnpackTokens(y, O, attention_mask) -> [B, S, D]`` before each encoder output (zeros at
-   padded positions). The model's inputs and outputs keep their names, types and shapes.
+   padded positions) and before nodes that only select positions (a classifier head's
+   first-token Gather, a Slice over the sequence axis: they read 0 at a padded position). The
+   model's inputs and outputs keep their names, types and shapes.
 
 Anything else leaves the model unchanged; the report says why (:class:`PackingReport`).
 """
@@ -66,7 +68,7 @@ class PackingReport:
     attention_nodes: int = 0
     region_nodes: int = 0
     mask_input: str | None = None
-    outputs: list[str] = field(default_factory=list)  # outputs restored by UnpackTokens
+    outputs: list[str] = field(default_factory=list)  # what reads UnpackTokens' [B, S, D]
 
     def counts(self) -> dict[str, int]:
         return {
@@ -78,8 +80,8 @@ class PackingReport:
         if self.applied:
             return (
                 f"packed execution: {self.region_nodes} nodes ({self.attention_nodes} Attention) "
-                f"run on the valid tokens of '{self.mask_input}'; outputs "
-                f"{', '.join(self.outputs)} restored with zeros at padded positions"
+                f"run on the valid tokens of '{self.mask_input}'; restored to [B, S, *] with "
+                f"zeros at padded positions for {', '.join(self.outputs)}"
             )
         return f"packed execution not applied: {self.reason}"
 
@@ -300,6 +302,20 @@ def _per_token_problem(node: ir.Node, region: set[int], mask: ir.Value) -> str |
     return f"{op[0] + '::' if op[0] else ''}{op[1]} is not known to be per token"
 
 
+def _reads_positions(node: ir.Node, index: int) -> bool:
+    """Whether ``node`` only selects sequence positions of its input ``index`` (a classifier's
+    first-token Gather, a Slice of positions): it can read the restored [B, S, D] tensor."""
+    if index != 0 or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Gather":
+        return node.attributes.get_int("axis", 0) in (1, -2) and _const(node.inputs[1]) is not None
+    if node.op_type == "Slice" and len(node.inputs) >= 4:
+        axes = _const(node.inputs[3])
+        consts = all(_const(v) is not None for v in node.inputs[1:] if v is not None)
+        return consts and axes is not None and set(axes.reshape(-1).tolist()) <= {1, -2}
+    return False
+
+
 @dataclass(frozen=True)
 class _Plan:
     start: ir.Value  # [B, S, D] hidden states to pack
@@ -308,6 +324,7 @@ class _Plan:
     region: list[ir.Node]  # graph order
     outputs: list[ir.Value]  # region values that are graph outputs
     attention: list[ir.Node]
+    selectors: list[tuple[ir.Node, int]]  # (node, input) selecting positions of a region value
 
 
 def _find_start(attention: ir.Node) -> ir.Value | str:
@@ -357,6 +374,7 @@ def plan_packing(model: ir.Model) -> _Plan | str:
 
     region: set[int] = set()
     nodes: dict[int, ir.Node] = {}
+    selectors: list[tuple[ir.Node, int]] = []
     frontier = [start]
     while frontier:
         value = frontier.pop()
@@ -366,6 +384,10 @@ def plan_packing(model: ir.Model) -> _Plan | str:
                 continue
             if value is start and user.op_type in ("Shape", "Size") and user.domain == "":
                 continue  # reads the padded hidden states, which stay (the legacy masks' sizes)
+            if _reads_positions(user, 0) and user.inputs[0] is value:
+                if value is not start:  # reads the restored [B, S, D] (a classifier head)
+                    selectors.append((user, 0))
+                continue
             nodes[id(user)] = user
             frontier.extend(user.outputs)
     for value in [start, *(o for n in nodes.values() for o in n.outputs)]:
@@ -393,9 +415,9 @@ def plan_packing(model: ir.Model) -> _Plan | str:
     for v in outputs:
         if v.dtype != ir.DataType.FLOAT:
             return f"output '{v.name}' is {v.dtype}; UnpackTokens restores float32 only"
-    if not outputs:
+    if not outputs and not selectors:
         return "no model output is computed on the packed tokens"
-    return _Plan(start, mask_input, mask, ordered, outputs, attention)
+    return _Plan(start, mask_input, mask, ordered, outputs, attention, selectors)
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,9 +462,14 @@ def _apply(graph: ir.Graph, plan: _Plan) -> None:
             if out.shape is not None and out.shape.rank() == 3:
                 out.shape = ir.Shape([ir.SymbolicDim(PACKED_DIM), out.shape.dims[2]])
 
-    for value in plan.outputs:
+    # One UnpackTokens per packed value read as [B, S, D]: a model output (which keeps its
+    # name) or the input of a position selector.
+    wanted = list(plan.outputs) + [node.inputs[i] for node, i in plan.selectors]
+    for value in {id(v): v for v in wanted}.values():
         name, shape = value.name, value.shape
-        value.name = f"{name}/packed"
+        is_output = any(value is v for v in plan.outputs)
+        if is_output:
+            value.name = f"{name}/packed"
         unpack = ir.node(
             "UnpackTokens",
             [value, offsets, plan.mask_input],
@@ -450,11 +477,15 @@ def _apply(graph: ir.Graph, plan: _Plan) -> None:
             name=f"{name}/unpack_tokens",
         )
         restored = unpack.outputs[0]
-        restored.name, restored.dtype = name, ir.DataType.FLOAT
+        restored.name = name if is_output else f"{name}/unpacked"
+        restored.dtype = ir.DataType.FLOAT
         restored.shape = ir.Shape([*start.shape.dims[:2], shape.dims[-1] if shape else None])
         graph.insert_after(value.producer(), unpack)
-        index = list(graph.outputs).index(value)
-        graph.outputs[index] = restored
+        if is_output:
+            graph.outputs[list(graph.outputs).index(value)] = restored
+        for node, i in plan.selectors:
+            if node.inputs[i] is value:
+                node.replace_input_with(i, restored)
 
 
 def pack_tokens(model: ir.Model) -> PackingReport:
@@ -464,6 +495,7 @@ def pack_tokens(model: ir.Model) -> PackingReport:
     if isinstance(plan, str):
         return PackingReport(reason=plan)
     names = [v.name for v in plan.outputs]
+    names += [f"{n.op_type} '{n.name}' (reads positions)" for n, _ in plan.selectors]
     _apply(model.graph, plan)
     model.opset_imports[OP_DOMAIN] = 1
     common_passes.RemoveUnusedNodesPass()(model)
