@@ -29,6 +29,7 @@ import numpy as np
 
 from fastonnx.bench.timing import Timing, time_interleaved
 from fastonnx.bench.variants import (
+    DEFAULT_KEYS,
     INT8_REFERENCE_KEY,
     REFERENCE_KEY,
     SPEC_BY_KEY,
@@ -58,7 +59,7 @@ class BenchConfig:
     warmup: int = 5  # rounds before timing (every variant once per round)
     runs: int = 30  # timed rounds
     seed: int = 0
-    variants: tuple[str, ...] = tuple(s.key for s in SPECS)
+    variants: tuple[str, ...] = DEFAULT_KEYS
     calibration: Path | None = None  # .npz for variants 4/5; else synthesized token inputs
     num_samples: int = 16  # calibration samples
     parity_samples: int = 4

@@ -34,7 +34,8 @@ variants (--variants selects some; all by default):
   4  fastonnx-qdq  fastonnx preset int8 (QDQ), in vanilla ORT without fastonnx's library
   5  fastonnx      fastonnx preset sparse-int8, with fastonnx's custom-op library (packed
                    execution where it applies: only the valid tokens are computed)
-  5p fastonnx-padded  the same with --no-packing (every padded position computed)
+  5p fastonnx-padded  the same with --no-packing (every padded position computed); not run
+                   unless named in --variants (or with --texts)
   6a openvino      OpenVINO on the exported model (its CPU default precision; bf16 on CPUs
                    with AMX / AVX512-BF16, read back from the compiled model)
   6b openvino-qdq  OpenVINO on variant 4's QDQ model
@@ -307,8 +308,8 @@ def model_parser() -> argparse.ArgumentParser:
         choices=[s.key for s in SPECS],
         metavar="KEY",
         default=None,
-        help="variants to run (default: all; with --texts: fastonnx, fastonnx-padded, "
-        "ort-int8, openvino-qdq; keys below)",
+        help="variants to run (default: all but fastonnx-padded; with --texts: fastonnx, "
+        "fastonnx-padded, ort-int8, openvino-qdq; keys below)",
     )
     texts = p.add_argument_group("real sentences")
     texts.add_argument(
@@ -373,9 +374,9 @@ def run_model(args: argparse.Namespace) -> int:
         return 2
     if args.variants is None:
         from fastonnx.bench.texts import TEXT_VARIANTS
-        from fastonnx.bench.variants import SPECS
+        from fastonnx.bench.variants import DEFAULT_KEYS
 
-        args.variants = list(TEXT_VARIANTS) if args.texts else [s.key for s in SPECS]
+        args.variants = list(TEXT_VARIANTS if args.texts else DEFAULT_KEYS)
     return run_texts(args) if args.texts is not None else run_synthetic(args)
 
 
