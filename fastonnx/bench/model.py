@@ -65,6 +65,7 @@ class BenchConfig:
     parity_samples: int = 4
     fastonnx_model: Path | None = None  # already optimized: skip optimizing
     qdq_model: Path | None = None
+    padded_model: Path | None = None  # already optimized with --no-packing (variant 5p)
     eval_data: Path | None = None  # .npz with the model inputs and `labels`
     profile: bool = False
     spin: bool = False  # keep ORT's spinning worker threads (see variants.ort_session_options)
@@ -517,6 +518,7 @@ def run_model_bench(config: BenchConfig, progress: Progress | None = None) -> Be
         calibration=_calibration(model, config),
         fastonnx_model=config.fastonnx_model,
         qdq_model=config.qdq_model,
+        padded_model=config.padded_model,
     )
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -183,6 +183,7 @@ def run_text_bench(
         calibration=cal,
         fastonnx_model=config.fastonnx_model,
         qdq_model=config.qdq_model,
+        padded_model=config.padded_model,
     )
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     keys = [k for k in SPEC_BY_KEY if k in config.variants]

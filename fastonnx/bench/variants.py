@@ -258,6 +258,7 @@ class PrepareContext:
     calibration: object  # fastonnx.calibration.CalibrationData for variants 4 and 5
     fastonnx_model: Path | None = None  # given, already optimized (sparse-int8)
     qdq_model: Path | None = None  # given, already optimized (int8)
+    padded_model: Path | None = None  # given, already optimized (sparse-int8 --no-packing)
     made: dict[str, Path | BaseException] = field(default_factory=dict)
 
     def file(self, suffix: str) -> Path:
@@ -341,7 +342,7 @@ def _fastonnx_optimized(
             + ("" if lowered else " (weights not sparse enough; the rest run on ORT int8)")
         )
     path = ctx.file(preset if packing else f"{preset}-padded")
-    given = [p for p in (ctx.fastonnx_model, ctx.qdq_model) if p is not None]
+    given = [p for p in (ctx.fastonnx_model, ctx.qdq_model, ctx.padded_model) if p is not None]
     result.save(path, protect=given)  # never overwrite a model the user passed in
     return path
 
@@ -370,6 +371,8 @@ def _prepare_ort(ctx: PrepareContext, variant: Variant) -> None:
         path = ctx.artifact("ort-int8", lambda: _ort_int8(ctx, source))
     elif key == "fastonnx-qdq":
         path = ctx.artifact("int8", lambda: _qdq_model(ctx, notes))
+    elif key == "fastonnx-padded" and ctx.padded_model is not None:
+        path = _given(ctx.padded_model, "--fastonnx-padded-model", notes)
     elif key == "fastonnx-padded":
         path = ctx.artifact(
             "sparse-int8-padded",

@@ -342,6 +342,12 @@ def model_parser() -> argparse.ArgumentParser:
         help="an already optimized sparse-int8 model (variant 5): skip optimizing",
     )
     models.add_argument(
+        "--fastonnx-padded-model",
+        type=Path,
+        metavar="FILE",
+        help="an already optimized sparse-int8 --no-packing model (variant 5p): skip optimizing",
+    )
+    models.add_argument(
         "--qdq-model",
         type=Path,
         metavar="FILE",
@@ -399,6 +405,7 @@ def run_texts(args: argparse.Namespace) -> int:
         num_samples=args.num_samples,
         fastonnx_model=args.fastonnx_model,
         qdq_model=args.qdq_model,
+        padded_model=args.fastonnx_padded_model,
         spin=args.spin,
     )
     try:
@@ -439,6 +446,7 @@ def run_synthetic(args: argparse.Namespace) -> int:
         parity_samples=args.parity_samples,
         fastonnx_model=args.fastonnx_model,
         qdq_model=args.qdq_model,
+        padded_model=args.fastonnx_padded_model,
         eval_data=args.eval_data,
         profile=args.profile,
         spin=args.spin,
