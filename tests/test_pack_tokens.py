@@ -330,3 +330,53 @@ def test_ort_attention_with_offsets_shape_errors():
     feeds = {"q": np.zeros((4, 24), np.float32), "offsets": np.array([0, 5], np.int64)}
     text = run_bad(attention_model(["T", 24]), feeds)
     assert "offsets are not non-decreasing within [0, T=4]" in text, text
+
+
+def test_random_offsets_and_masks_give_a_result_or_invalid_argument():
+    """Hostile offsets/masks (random values, lengths, signs): either the reference result or a
+    clear INVALID_ARGUMENT; never a crash or a read outside the tensors."""
+    rng = np.random.default_rng(11)
+    attention = session(
+        make(
+            [
+                helper.make_node(
+                    "Attention",
+                    ["q", "", "", "", "offsets"],
+                    ["y"],
+                    domain=fastonnx.OP_DOMAIN,
+                    num_heads=2,
+                )
+            ],
+            [
+                helper.make_tensor_value_info("q", TensorProto.FLOAT, ["T", 48]),
+                helper.make_tensor_value_info("offsets", TensorProto.INT64, ["B1"]),
+            ],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", 16])],
+        )
+    )
+    unpack = session(unpack_model())
+    refused = 0
+    for _ in range(100):
+        t = int(rng.integers(0, 12))
+        q = rng.standard_normal((t, 48), dtype=np.float32)
+        offsets = np.sort(rng.integers(-2, t + 3, size=int(rng.integers(1, 5))))
+        if rng.random() < 0.3:
+            offsets = rng.permutation(offsets)
+        try:
+            (y,) = attention.run(None, {"q": q, "offsets": offsets.astype(np.int64)})
+        except Exception as exc:  # noqa: BLE001 - ORT's own exception types
+            assert "INVALID_ARGUMENT" in str(exc) and "offsets" in str(exc), str(exc)
+            refused += 1
+        else:
+            qq, kk, vv = np.split(q, 3, axis=-1)
+            if t:
+                assert_matches(y, packed_reference(qq, kk, vv, offsets, 2), "auto", "random")
+        mask = rng.integers(0, 2 if rng.random() < 0.8 else 3, size=(len(offsets) - 1, 4))
+        feeds = {"packed": q[:, :16].copy(), "offsets": offsets.astype(np.int64), "mask": mask}
+        try:
+            (z,) = unpack.run(None, feeds)
+        except Exception as exc:  # noqa: BLE001
+            assert "INVALID_ARGUMENT" in str(exc), str(exc)
+        else:
+            np.testing.assert_array_equal(z, unpack_reference(q[:, :16], mask))
+    assert 0 < refused < 100
