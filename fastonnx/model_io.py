@@ -279,6 +279,7 @@ FASTONNX_OP_ATTRIBUTES = {
     "SparseLinear": {"activation"},
     "SparseLinearU8": {"activation"},
     "Attention": {"num_heads", "scale"},
+    "LayerNorm": {"epsilon", "axis"},
     "PackTokens": set(),
     "UnpackTokens": set(),
 }

@@ -46,7 +46,14 @@ from fastonnx.passes.quantize_qdq import QuantizeConfig, QuantizedLayer, Skipped
 PRESETS: dict[str, tuple[str, ...]] = {
     "fuse": ("fuse",),  # fuse_encoder runs the clean-up itself
     "int8": ("fuse", "quantize"),
-    "sparse-int8": ("fuse", "quantize", "lower_sparse", "lower_attention", "pack_tokens"),
+    "sparse-int8": (
+        "fuse",
+        "quantize",
+        "lower_sparse",
+        "lower_attention",
+        "lower_layer_norm",
+        "pack_tokens",
+    ),
 }
 DEFAULT_PRESET = "sparse-int8"
 
@@ -191,6 +198,7 @@ _PASS_MODULES = {
     "quantize": "fastonnx.passes.quantize_qdq",
     "lower_sparse": "fastonnx.passes.lower_sparse",
     "lower_attention": "fastonnx.passes.lower_attention",
+    "lower_layer_norm": "fastonnx.passes.lower_layer_norm",
     "pack_tokens": "fastonnx.passes.pack_tokens",
 }
 
@@ -204,8 +212,8 @@ def require_passes(preset: str) -> None:
             # Only a missing fastonnx module is a build problem; anything else is a bug.
             if not (exc.name or "").startswith("fastonnx"):
                 raise
-            native = ("lower_sparse", "lower_attention", "pack_tokens")
-            hint = "; use --preset int8" if step in native else ""
+            native = step.startswith("lower_") or step == "pack_tokens"
+            hint = "; use --preset int8" if native else ""
             raise OptimizeError(
                 f"preset '{preset}' needs {exc.name}, which this fastonnx build lacks{hint}"
             ) from exc
@@ -244,6 +252,13 @@ def _pass_lower_attention(model: ir.Model, ctx: _Context) -> PassRecord:
     return PassRecord("lower_attention", report.counts(), 0.0, report)
 
 
+def _pass_lower_layer_norm(model: ir.Model, ctx: _Context) -> PassRecord:
+    from fastonnx.passes.lower_layer_norm import lower_layer_norm
+
+    report = lower_layer_norm(model)
+    return PassRecord("lower_layer_norm", report.counts(), 0.0, report)
+
+
 def _pass_pack_tokens(model: ir.Model, ctx: _Context) -> PassRecord:
     from fastonnx.passes.pack_tokens import PackingReport, pack_tokens
 
@@ -279,6 +294,7 @@ _PASSES: dict[str, Callable[[ir.Model, _Context], PassRecord]] = {
     "quantize": _pass_quantize,
     "lower_sparse": _pass_lower_sparse,
     "lower_attention": _pass_lower_attention,
+    "lower_layer_norm": _pass_lower_layer_norm,
     "pack_tokens": _pass_pack_tokens,
 }
 

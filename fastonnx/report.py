@@ -56,6 +56,8 @@ def format_report(report: OptimizeReport, *, verbose: bool = False) -> str:
             details = record.details
             lines.extend(_skip_lines(details.kept, verbose, prefix="kept on ORT MHA: "))
             lines.extend(_skip_lines(details.unmerged_qkv, verbose, prefix="Q/K/V not merged: "))
+        if record.name == "lower_layer_norm" and record.details is not None:
+            lines.extend(_skip_lines(record.details.kept, verbose, prefix="kept on ORT: "))
     if report.calibration:
         lines.append(f"  calibration  {report.calibration}")
     lines.append(

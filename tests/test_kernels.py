@@ -160,6 +160,26 @@ def test_zero_rows_and_extreme_inputs(kernel):
     assert_close(lin(big), sparse_linear(big, w, scale), kernel)
 
 
+@pytest.mark.parametrize("static", [None, 0.02], ids=["dynamic", "static"])
+def test_non_finite_rows_give_nan_rows(kernel, static):
+    """The kernel itself applies the op's rule: a NaN or infinity anywhere in a row of X (the
+    ragged tail included) gives a NaN row of Y and a 0 row of a uint8 Y; other rows are as if
+    run alone."""
+    rng, w, scale, x = make_case(9, 37, 20, 0.5, (1, 4))
+    lin = _native.Linear(_native.pack_weight(w, scale, (1, 4)), kernel=kernel)
+    x[1, 36], x[4, 0], x[7, 17] = np.nan, np.inf, -np.inf
+    bad, good = [1, 4, 7], [0, 2, 3, 5, 6, 8]
+    kw = {} if static is None else {"x_scale": static, "x_zero_point": 128}
+    bias = rng.standard_normal(20).astype(np.float32)
+    y = lin(x, bias=bias, activation="gelu", **kw)
+    assert np.isnan(y[bad]).all()
+    np.testing.assert_array_equal(
+        y[good], lin(np.ascontiguousarray(x[good]), bias=bias, activation="gelu", **kw)
+    )
+    yq = lin(x, bias=bias, y_scale=0.01, y_zero_point=200, **kw)
+    assert not yq[bad].any() and yq[good].any()
+
+
 def test_bad_arguments_raise_clear_errors():
     w = np.ones((8, 16), np.int8)
     blob = _native.pack_weight(w, np.ones(8, np.float32), (1, 4))

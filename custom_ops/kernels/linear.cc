@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -19,8 +20,15 @@ void check_args(const LinearArgs& a) {
   if ((a.x == nullptr) == (a.xq == nullptr)) {
     throw std::invalid_argument("exactly one of a float or a uint8 input is required");
   }
-  if (a.xq && !a.per_tensor) {
-    throw std::invalid_argument("a uint8 input needs its x_scale (static quantization)");
+  if ((a.x_row_scale == nullptr) != (a.x_row_zero_point == nullptr)) {
+    throw std::invalid_argument("per-row input scales and zero points come together");
+  }
+  if (a.x_row_scale && (!a.xq || a.per_tensor)) {
+    throw std::invalid_argument("per-row input quantization needs a uint8 input and no x_scale");
+  }
+  if (a.xq && !a.per_tensor && !a.x_row_scale) {
+    throw std::invalid_argument(
+        "a uint8 input needs its x_scale (static quantization) or per-row scales");
   }
   if (a.per_tensor && !(std::isfinite(a.x_scale) && a.x_scale > 0.f)) {
     throw std::invalid_argument("x_scale must be finite and > 0, got " +
@@ -125,6 +133,9 @@ void LinearKernel::run(const LinearArgs& args, const Runner& runner) const {
     };
     run_tasks(runner, size_t(tasks), quantize_task);
     xq = quantized.data();
+  } else if (args.x_row_scale) {
+    std::copy(args.x_row_scale, args.x_row_scale + m, row_scale.data());
+    std::copy(args.x_row_zero_point, args.x_row_zero_point + m, row_zp.data());
   } else {
     std::fill(row_scale.data(), row_scale.data() + m, args.x_scale);
     std::fill(row_zp.data(), row_zp.data() + m, int32_t{args.x_zero_point});
@@ -153,6 +164,15 @@ void LinearKernel::quantize_rows(const float* x, int64_t rows, bool per_tensor, 
                                  uint8_t* out) const {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * k_;
+    uint8_t* qr = out + r * k_;
+    // Quantizing would map NaN to 0 and infinities to the range's end, hiding them; the op's
+    // rule is a NaN output row (0 once requantized), which a NaN scale gives.
+    if (!std::all_of(xr, xr + k_, [](float v) { return std::isfinite(v); })) {
+      row_scale[r] = std::numeric_limits<float>::quiet_NaN();
+      row_zp[r] = 0;
+      std::fill(qr, qr + k_, uint8_t{0});
+      continue;
+    }
     if (per_tensor) {
       row_scale[r] = x_scale;
       row_zp[r] = x_zp;
@@ -160,7 +180,7 @@ void LinearKernel::quantize_rows(const float* x, int64_t rows, bool per_tensor, 
       scalar::row_quant_params(xr, k_, &row_scale[r], &row_zp[r]);
     }
     const float inv_scale = 1.f / row_scale[r];
-    for (int64_t i = 0; i < k_; ++i) out[r * k_ + i] = scalar::quantize(xr[i], inv_scale, row_zp[r]);
+    for (int64_t i = 0; i < k_; ++i) qr[i] = scalar::quantize(xr[i], inv_scale, row_zp[r]);
   }
 }
 

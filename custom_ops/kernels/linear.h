@@ -4,7 +4,8 @@
 // features. X is quantized to uint8 with a per-row (dynamic) or per-tensor (static) scale and
 // zero point; W is int8 with one scale per output channel (see packed_weight.h). Accumulation is
 // exact int32; the epilogue applies, in order: zero-point compensation, both scales, bias,
-// activation, residual add, and (for a uint8 output) requantization.
+// activation, residual add, and (for a uint8 output) requantization. A row of a float X holding
+// a NaN or an infinity gives a NaN row of Y (a 0 row of a uint8 Y), as the float layer would.
 #pragma once
 
 #include <cstddef>
@@ -48,6 +49,10 @@ struct LinearArgs {
   bool per_tensor = false;  // static quantization with x_scale / x_zero_point
   float x_scale = 1.f;
   uint8_t x_zero_point = 0;
+  // Or, for a uint8 xq, per-row quantization parameters ([m] each), as a fastonnx LayerNorm
+  // emits them (layer_norm.h). A NaN scale gives a NaN output row.
+  const float* x_row_scale = nullptr;
+  const uint8_t* x_row_zero_point = nullptr;
   const float* bias = nullptr;      // [n] or null
   const float* residual = nullptr;  // [m, n] or null
   Activation activation = Activation::kNone;
@@ -93,7 +98,9 @@ class LinearKernel {
   virtual void compute(const uint8_t* xq, int64_t m, const Epilogue& epi,
                        const Runner& runner) const = 0;
   // Quantizes `rows` rows of X (row stride k) to uint8 and records each row's scale and zero
-  // point. The scalar version here is exact; vector paths override it with bit-identical code.
+  // point; a row holding a NaN or an infinity gets scale NaN (so its output row is NaN, or 0
+  // once requantized). The scalar version here is exact; vector paths override it with
+  // bit-identical code.
   virtual void quantize_rows(const float* x, int64_t rows, bool per_tensor, float x_scale,
                              uint8_t x_zp, float* row_scale, int32_t* row_zp,
                              uint8_t* out) const;

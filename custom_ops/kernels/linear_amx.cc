@@ -222,7 +222,6 @@ class LinearAmx final : public avx512::Kernel {
     // stores that wrote its rows stalls on them).
     alignas(64) uint8_t gather[2][kChunkGroups * kGatherStride];
     alignas(64) int32_t acc[T][kStrip * kTileRows];  // [t][c][r]
-    alignas(64) int32_t rows[kTileRows * kStrip];    // [r][c]
     static const amx::TileConfig config = amx::full_tiles();
     // Tile configuration is per thread and ORT may run this task on any pool thread, so each
     // task configures (tasks hold kTaskChunks or more chunks to amortize it).
@@ -249,8 +248,8 @@ class LinearAmx final : public avx512::Kernel {
       for (int t = 0; t < T; ++t) {
         const int64_t r0 = row0 + t * kTileRows;
         if (r0 >= m) break;
-        avx512::transpose16x16(acc[t], kTileRows, rows);
-        avx512::epilogue_tile(epi, r0, std::min(kTileRows, m - r0), n0, count, rows, kStrip);
+        avx512::epilogue_tile_transposed(epi, r0, std::min(kTileRows, m - r0), n0, count, acc[t],
+                                         kTileRows);
       }
     }
     Tiles::release();

@@ -170,7 +170,6 @@ class LinearAvx512Vnni final : public avx512::Kernel {
     const int64_t n0 = chunk * kChannelsPerTask;
     const int64_t count = std::min(kChannelsPerTask, n() - n0);
     alignas(64) int32_t acc[kChannelsPerTask][kBlockRows];  // [n][m]
-    alignas(64) int32_t rows[kTileRows][kChannelsPerTask];   // [m][n]
     const DotFn dot = kDot[T];
     std::memset(acc, 0, sizeof(acc));
     for (int64_t c = 0; c < chunks_; ++c) {
@@ -180,10 +179,10 @@ class LinearAvx512Vnni final : public avx512::Kernel {
       }
     }
     for (int64_t t = 0; t < T; ++t) {
-      avx512::transpose16x16(&acc[0][t * kTileRows], kBlockRows, &rows[0][0]);
       const int64_t row0 = b * kBlockRows + t * kTileRows;
       const int64_t valid = std::min(kTileRows, m - row0);
-      avx512::epilogue_tile(epi, row0, valid, n0, count, &rows[0][0], kChannelsPerTask);
+      avx512::epilogue_tile_transposed(epi, row0, valid, n0, count, &acc[0][t * kTileRows],
+                                       kBlockRows);
     }
   }
 

@@ -6,6 +6,7 @@
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <climits>
 #include <cstdint>
 #include <new>
 #include <stdexcept>
@@ -56,6 +57,42 @@ OrtStatusPtr guarded(F&& body, const char* what) noexcept {
   } catch (...) {
     return Ort::GetApi().CreateStatus(ORT_FAIL, (std::string(what) + ": unknown error").c_str());
   }
+}
+
+}  // namespace fastonnx::ort
+
+namespace fastonnx::ort {
+
+// The OrtCustomOp callbacks every fastonnx op shares: CPU, opset 1 and later, V2 kernels of type
+// Kernel (constructed from the OrtKernelInfo, run by `compute(OrtKernelContext*) const`), with
+// every exception turned into a status. The op then sets its name and signature.
+template <class Kernel>
+void set_common_callbacks(OrtCustomOp& op) {
+  op.version = ORT_API_VERSION;
+  op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return nullptr; };
+  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 0; };
+  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 0; };
+  op.CreateKernel = nullptr;
+  op.KernelCompute = nullptr;
+  op.CreateKernelV2 = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
+                         void** kernel) noexcept -> OrtStatusPtr {
+    return guarded([&] { *kernel = new Kernel(info); }, "fastonnx: creating the kernel");
+  };
+  op.KernelComputeV2 = [](void* kernel, OrtKernelContext* context) noexcept -> OrtStatusPtr {
+    return guarded([&] { static_cast<const Kernel*>(kernel)->compute(context); },
+                   "fastonnx: running the kernel");
+  };
+  op.KernelDestroy = [](void* kernel) noexcept { delete static_cast<Kernel*>(kernel); };
+  op.InferOutputShapeFn = nullptr;
+  op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
+  op.GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
+  op.GetMayInplace = nullptr;
+  op.ReleaseMayInplace = nullptr;
+  op.GetAliasMap = nullptr;
+  op.ReleaseAliasMap = nullptr;
 }
 
 }  // namespace fastonnx::ort

@@ -1,6 +1,5 @@
 #include "pack_tokens_op.h"
 
-#include <climits>
 #include <string>
 #include <vector>
 
@@ -111,65 +110,40 @@ void unpack_compute(OrtKernelContext* context) {
                 OrtRunner(context));
 }
 
+// Stateless kernels for set_common_callbacks.
 template <void (*Compute)(OrtKernelContext*)>
-OrtStatusPtr ORT_API_CALL compute(void*, OrtKernelContext* context) noexcept {
-  return guarded([&] { Compute(context); }, "fastonnx PackTokens/UnpackTokens");
-}
+struct StatelessKernel {
+  explicit StatelessKernel(const OrtKernelInfo*) {}
+  void compute(OrtKernelContext* context) const { Compute(context); }
+};
 
-OrtStatusPtr ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*,
-                                        void** kernel) noexcept {
-  static int stateless = 0;  // the ops keep no state; any non-null handle will do
-  *kernel = &stateless;
-  return nullptr;
-}
-
-void ORT_API_CALL destroy_kernel(void*) noexcept {}
-
-// The callbacks both ops share; inputs are typed UNDEFINED so compute names a wrong type.
-void fill_common(OrtCustomOp& op) {
-  op.version = ORT_API_VERSION;
-  op.GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return nullptr; };
+// The signature both ops share; inputs are typed UNDEFINED so compute names a wrong type.
+void set_signature(OrtCustomOp& op) {
   op.GetInputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; };
   op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
   op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
-  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
-  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
-  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 0; };
-  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
-  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 0; };
-  op.CreateKernel = nullptr;
-  op.KernelCompute = nullptr;
-  op.CreateKernelV2 = create_kernel;
-  op.KernelDestroy = destroy_kernel;
-  op.InferOutputShapeFn = nullptr;
-  op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
-  op.GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
-  op.GetMayInplace = nullptr;
-  op.ReleaseMayInplace = nullptr;
-  op.GetAliasMap = nullptr;
-  op.ReleaseAliasMap = nullptr;
 }
 
 }  // namespace
 
 PackTokensOp::PackTokensOp() : OrtCustomOp{} {
-  fill_common(*this);
+  set_common_callbacks<StatelessKernel<pack_compute>>(*this);
+  set_signature(*this);
   GetName = [](const OrtCustomOp*) { return "PackTokens"; };
   GetInputTypeCount = [](const OrtCustomOp*) { return size_t{2}; };
   GetOutputTypeCount = [](const OrtCustomOp*) { return size_t{2}; };
   GetOutputType = [](const OrtCustomOp*, size_t i) {
     return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
   };
-  KernelComputeV2 = compute<pack_compute>;
 }
 
 UnpackTokensOp::UnpackTokensOp() : OrtCustomOp{} {
-  fill_common(*this);
+  set_common_callbacks<StatelessKernel<unpack_compute>>(*this);
+  set_signature(*this);
   GetName = [](const OrtCustomOp*) { return "UnpackTokens"; };
   GetInputTypeCount = [](const OrtCustomOp*) { return size_t{3}; };
   GetOutputTypeCount = [](const OrtCustomOp*) { return size_t{1}; };
   GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
-  KernelComputeV2 = compute<unpack_compute>;
 }
 
 }  // namespace fastonnx::ort

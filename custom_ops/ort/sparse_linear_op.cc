@@ -2,13 +2,13 @@
 
 #include <algorithm>
 #include <climits>
-#include <limits>
 #include <cstring>
 #include <memory>
 #include <new>
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "../kernels/linear.h"
@@ -28,7 +28,10 @@ enum Input : size_t {
   kResidual = 5,
   kYScale = 6,      // SparseLinearU8 only
   kYZeroPoint = 7,  // SparseLinearU8 only
+  kXRowScale = 8,   // per-row quantization of a uint8 X (from a fastonnx LayerNorm)
+  kXRowZeroPoint = 9,
 };
+constexpr size_t kInputCount = 10;
 
 const char* op_name(bool quantized_output) {
   return quantized_output ? "SparseLinearU8" : "SparseLinear";
@@ -36,32 +39,6 @@ const char* op_name(bool quantized_output) {
 
 [[noreturn]] void fail(const std::string& op, const std::string& what) {
   throw std::invalid_argument(op + ": " + what);
-}
-
-// True when x[0..k) holds a NaN or an infinity: exactly the values whose bits without the sign
-// are >= 0x7f800000. A branch-free max, cloned per ISA so it runs at memory speed (it reads X
-// once more, next to the kernel's two passes over X for dynamic quantization).
-__attribute__((target_clones("avx512f", "avx2", "default"))) bool has_non_finite(const float* x,
-                                                                                int64_t k) {
-  int32_t high = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    int32_t bits;
-    std::memcpy(&bits, &x[i], sizeof(bits));
-    bits &= 0x7fffffff;
-    high = bits > high ? bits : high;
-  }
-  return high >= 0x7f800000;
-}
-
-// Quantizing X to uint8 maps NaN to 0 and infinities to the range's end, so the kernels alone
-// would return finite numbers for such rows. The float model gives NaN (or an infinity); the
-// op's rule (docs/operators.md): a row of X holding a NaN or an infinity gives a NaN row of Y
-// (float output) or a 0 row (uint8 output: requantizing NaN gives 0).
-template <class T>
-void poison_non_finite_rows(const float* x, int64_t m, int64_t k, int64_t n, T* y, T value) {
-  for (int64_t r = 0; r < m; ++r) {
-    if (has_non_finite(x + r * k, k)) std::fill(y + r * n, y + (r + 1) * n, value);
-  }
 }
 
 class SparseLinearKernel {
@@ -126,8 +103,30 @@ class SparseLinearKernel {
       if (Ort::ConstValue zp = input(kXZeroPoint)) {
         args.x_zero_point = scalar<uint8_t>(zp, "x_zero_point", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
       }
-    } else if (args.xq) {
-      fail(name_, "a uint8 X needs x_scale (and x_zero_point)");
+    }
+    Ort::ConstValue row_scale = input(kXRowScale), row_zp = input(kXRowZeroPoint);
+    if (row_scale || row_zp) {
+      if (!row_scale || !row_zp) fail(name_, "x_row_scale and x_row_zero_point come together");
+      if (x_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || args.per_tensor) {
+        fail(name_, "x_row_scale / x_row_zero_point quantize a uint8 X per row: X must be uint8 "
+                    "and x_scale absent");
+      }
+      const std::vector<int64_t> rows(shape.begin(), shape.end() - 1);
+      for (auto [value, what, type] :
+           {std::tuple{row_scale, "x_row_scale", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT},
+            std::tuple{row_zp, "x_row_zero_point", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8}}) {
+        const auto info = value.GetTensorTypeAndShapeInfo();
+        if (info.GetElementType() != type || info.GetShape() != rows) {
+          fail(name_, std::string(what) + " must be " +
+                          (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? "float32" : "uint8") +
+                          " with X's leading dimensions " + shape_str(rows) + ", got " +
+                          shape_str(info.GetShape()));
+        }
+      }
+      args.x_row_scale = row_scale.GetTensorData<float>();
+      args.x_row_zero_point = row_zp.GetTensorData<uint8_t>();
+    } else if (x_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 && !args.per_tensor) {
+      fail(name_, "a uint8 X needs x_scale (and x_zero_point), or x_row_scale and x_row_zero_point");
     }
 
     if (Ort::ConstValue b = input(kBias)) {
@@ -148,6 +147,9 @@ class SparseLinearKernel {
       args.residual = r.GetTensorData<float>();
     }
     args.activation = activation_;
+    if (!quantized_output_ && (input(kYScale) || input(kYZeroPoint))) {
+      fail(name_, "y_scale and y_zero_point belong to SparseLinearU8 (uint8 output)");
+    }
     if (quantized_output_) {
       Ort::ConstValue ys = input(kYScale);
       if (!ys) fail(name_, "y_scale is required");
@@ -166,14 +168,8 @@ class SparseLinearKernel {
     } else {
       args.y = y.GetTensorMutableData<float>();
     }
+    // The kernel applies the op's rule for non-finite rows of X itself (linear.h).
     kernel_->run(args, OrtRunner(context));
-    if (args.x) {
-      if (args.y) {
-        poison_non_finite_rows(args.x, args.m, k, n, args.y, std::numeric_limits<float>::quiet_NaN());
-      } else {
-        poison_non_finite_rows(args.x, args.m, k, n, args.yq, uint8_t{0});
-      }
-    }
   }
 
  private:
@@ -266,8 +262,6 @@ void ORT_API_CALL destroy_kernel(void* kernel) noexcept {
   delete static_cast<SparseLinearKernel*>(kernel);
 }
 
-size_t input_count(bool quantized_output) { return quantized_output ? 8 : 6; }
-
 }  // namespace
 
 SparseLinearOp::SparseLinearOp(bool quantized) : OrtCustomOp{}, quantized_output(quantized) {
@@ -276,15 +270,14 @@ SparseLinearOp::SparseLinearOp(bool quantized) : OrtCustomOp{}, quantized_output
     return op_name(static_cast<const SparseLinearOp*>(op)->quantized_output);
   };
   GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return nullptr; };
-  GetInputTypeCount = [](const OrtCustomOp* op) {
-    return input_count(static_cast<const SparseLinearOp*>(op)->quantized_output);
-  };
+  GetInputTypeCount = [](const OrtCustomOp*) { return kInputCount; };
   GetInputType = [](const OrtCustomOp*, size_t index) {
     switch (index) {
       case kX: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // float32 or uint8
       case kW:
       case kXZeroPoint:
-      case kYZeroPoint: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+      case kYZeroPoint:
+      case kXRowZeroPoint: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
       default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     }
   };

@@ -13,9 +13,11 @@
 #include <thread>
 #include <vector>
 
+#include "../kernels/aligned_buffer.h"
 #include "../kernels/attention.h"
 #include "../kernels/cpu_features.h"
 #include "../kernels/kernel_manifest.h"
+#include "../kernels/layer_norm.h"
 #include "../kernels/linear.h"
 #include "../kernels/packed_weight.h"
 
@@ -178,7 +180,8 @@ class PyLinear {
     const int64_t k = kernel_->k();
     if (x.ndim() != 2 || x.shape(1) != k) throw std::invalid_argument("x must be float32 [M, K]");
     if (runs < 1) throw std::invalid_argument("runs must be >= 1");
-    std::vector<float> y(size_t(x.shape(0) * kernel_->n()));
+    // Cache-line aligned like ORT's outputs: a misaligned one splits every vector store.
+    AlignedBuffer<float> y(size_t(x.shape(0) * kernel_->n()));
     LinearArgs args;
     args.m = x.shape(0);
     args.x = x.data();
@@ -279,6 +282,39 @@ Array<float> attention(const Array<float>& q, const std::optional<Array<float>>&
   return y;
 }
 
+// LayerNorm over the last axis plus per-row uint8 quantization: (y, yq, row_scale, row_zp).
+py::tuple layer_norm(const Array<float>& x, const Array<float>& gamma,
+                     const std::optional<Array<float>>& beta, float epsilon,
+                     const std::optional<std::string>& isa_name_arg, int threads) {
+  if (x.ndim() < 1) throw std::invalid_argument("x must have rank >= 1");
+  LayerNormArgs args;
+  args.d = x.shape(x.ndim() - 1);
+  args.rows = args.d ? x.size() / args.d : 0;
+  if (gamma.ndim() != 1 || gamma.shape(0) != args.d) throw std::invalid_argument("gamma must be [D]");
+  if (beta && (beta->ndim() != 1 || beta->shape(0) != args.d)) throw std::invalid_argument("beta must be [D]");
+  args.x = x.data();
+  args.gamma = gamma.data();
+  args.beta = beta ? beta->data() : nullptr;
+  args.epsilon = epsilon;
+  validate_layer_norm(args);
+  std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+  std::vector<py::ssize_t> rows(shape.begin(), shape.end() - 1);
+  Array<float> y(shape);
+  Array<uint8_t> yq(shape);
+  Array<float> scale(rows);
+  Array<uint8_t> zp(rows);
+  args.y = y.mutable_data();
+  args.yq = yq.mutable_data();
+  args.row_scale = scale.mutable_data();
+  args.row_zero_point = zp.mutable_data();
+  const Isa isa = isa_arg(isa_name_arg).value_or(forced_isa_from_env().value_or(best_isa()));
+  {
+    py::gil_scoped_release release;
+    run_layer_norm(args, isa, ThreadRunner(threads));
+  }
+  return py::make_tuple(y, yq, scale, zp);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -316,6 +352,10 @@ PYBIND11_MODULE(_native, m) {
     const auto isa = isa_arg(name);
     return isa ? isa_unavailable_reason(*isa) : std::string();
   });
+  m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("gamma"), py::arg("beta") = py::none(),
+        py::arg("epsilon") = 1e-5f, py::arg("isa") = py::none(), py::arg("threads") = 1,
+        "LayerNorm over the last axis plus its per-row uint8 quantization, as the LayerNorm op "
+        "computes it: (y, yq, row_scale, row_zero_point).");
   m.def("attention_paths", [] {
     std::vector<std::string> out;
     for (AttentionPath p : all_attention_paths()) out.push_back(attention_path_name(p));

@@ -11,10 +11,10 @@ On a model whose self-attention is ``com.fastonnx::Attention`` (the ``sparse-int
    padding mask of the model's ``attention_mask`` input: its subgraph is run on probe masks
    (holes, left padding, an all-padding row, none) and must give exactly 0 where a key is a
    token and <= -1e30 (a skipped key) where it is padding, for every query;
-2. finds the packed region: every node downstream of the LayerNormalization that feeds the first
-   attention block (the embeddings' LayerNorm), each of which must be per token (SparseLinear,
-   LayerNormalization, elementwise ops broadcasting over the last axis only, Attention...);
-3. rewrites it: ``PackTokens(hidden, attention_mask) -> ([T, D], O)`` after that LayerNorm, every
+2. finds the packed region: the LayerNorm that feeds the first attention block (the
+   embeddings') and every node downstream of it, each of which must be per token (SparseLinear,
+   LayerNorm, elementwise ops broadcasting over the last axis only, Attention...);
+3. rewrites it: ``PackTokens(hidden, attention_mask) -> ([T, D], O)`` before that LayerNorm, every
    region node on [T, *], each Attention reading ``O`` instead of the mask, and
    ``UnpackTokens(y, O, attention_mask) -> [B, S, D]`` before each encoder output (zeros at
    padded positions) and before nodes that only select positions (a classifier head's
@@ -181,9 +181,13 @@ def check_padding_mask(model: ir.Model, mask: ir.Value) -> tuple[ir.Value, str] 
 
     proto = _subgraph_model(model, nodes, inputs, mask)
     try:
-        so = ort.SessionOptions()
+        from fastonnx.runtime import session_options
+
+        so = session_options(1)  # the subgraph may hold fastonnx ops (a lowered LayerNorm)
         so.log_severity_level = 3
-        session = ort.InferenceSession(proto.SerializeToString(), so)
+        session = ort.InferenceSession(
+            proto.SerializeToString(), so, providers=["CPUExecutionProvider"]
+        )
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         return f"the attention mask's subgraph does not run on its own ({str(exc)[:120]})"
     for probe in _probe_masks():
@@ -256,9 +260,14 @@ def _per_token_problem(node: ir.Node, region: set[int], mask: ir.Value) -> str |
     if op in ((OP_DOMAIN, "SparseLinear"), (OP_DOMAIN, "SparseLinearU8")):
         if not in_region(ins[0]):
             return "its input X is not on packed tokens"
-        if len(ins) > 5 and ins[5] is not None and not in_region(ins[5]):
-            return "its residual is not on packed tokens"
+        for slot, what in ((5, "residual"), (8, "x_row_scale"), (9, "x_row_zero_point")):
+            if len(ins) > slot and ins[slot] is not None and not in_region(ins[slot]):
+                return f"its {what} is not on packed tokens"
         return consts([1, 2, 3, 4, 6, 7])
+    if op == (OP_DOMAIN, "LayerNorm"):  # Y, its per-row quantization: all per token
+        if node.attributes.get_int("axis", -1) != -1:
+            return "it normalizes over another axis than the features"
+        return consts([1, 2])
     if op == (OP_DOMAIN, "Attention"):
         padded = ins + [None] * (5 - len(ins))
         if padded[4] is not None:
@@ -327,17 +336,53 @@ class _Plan:
     selectors: list[tuple[ir.Node, int]]  # (node, input) selecting positions of a region value
 
 
+def _is_layer_norm(node: ir.Node) -> bool:
+    return (node.op_type, node.domain) in (
+        ("LayerNormalization", ""),
+        ("LayerNormalization", "ai.onnx"),
+        ("LayerNorm", OP_DOMAIN),
+    )
+
+
 def _find_start(attention: ir.Node) -> ir.Value | str:
-    """The LayerNormalization output feeding the first attention's projections."""
+    """The input of the LayerNorm feeding the first attention's projections (the embeddings'):
+    the packed region starts with that LayerNorm, so its quantized outputs are packed too."""
     value = attention.inputs[0]
     for _ in range(8):
         node = value.producer() if value is not None else None
         if node is None:
             break
-        if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx"):
-            return value
+        if _is_layer_norm(node):
+            return node.inputs[0]
         value = node.inputs[0] if node.inputs else None
-    return "no LayerNormalization (the embeddings') found before the first attention's projections"
+    return "no LayerNorm (the embeddings') found before the first attention's projections"
+
+
+def _mask_only(mask: ir.Value, attention: list[ir.Node]) -> set[int]:
+    """Ids of the nodes computing the mask whose outputs feed nothing but the mask: they die
+    once the Attention nodes read offsets instead (legacy exports take the mask's sizes from
+    Shape(hidden states), which then reads packed tokens harmlessly)."""
+    found = _ancestors(mask)
+    if isinstance(found, str):
+        return set()
+    nodes = {id(n): n for n in found[0]}
+    readers = {id(n) for n in attention}
+    dead: dict[int, bool] = {}
+
+    def is_dead(node: ir.Node) -> bool:
+        if id(node) not in dead:
+            dead[id(node)] = False  # cycles cannot happen; a guard all the same
+            dead[id(node)] = all(
+                not out.is_graph_output()
+                and all(
+                    (id(u) in readers and i == 3 and out is mask) or (id(u) in nodes and is_dead(u))
+                    for u, i in out.uses()
+                )
+                for out in node.outputs
+            )
+        return dead[id(node)]
+
+    return {i for i, n in nodes.items() if is_dead(n)}
 
 
 def plan_packing(model: ir.Model) -> _Plan | str:
@@ -375,6 +420,7 @@ def plan_packing(model: ir.Model) -> _Plan | str:
     region: set[int] = set()
     nodes: dict[int, ir.Node] = {}
     selectors: list[tuple[ir.Node, int]] = []
+    mask_only = _mask_only(mask, attention)
     frontier = [start]
     while frontier:
         value = frontier.pop()
@@ -382,8 +428,8 @@ def plan_packing(model: ir.Model) -> _Plan | str:
         for user, _ in value.uses():
             if id(user) in nodes:
                 continue
-            if value is start and user.op_type in ("Shape", "Size") and user.domain == "":
-                continue  # reads the padded hidden states, which stay (the legacy masks' sizes)
+            if id(user) in mask_only:
+                continue  # computes only the mask, which the packed Attention no longer reads
             if _reads_positions(user, 0) and user.inputs[0] is value:
                 if value is not start:  # reads the restored [B, S, D] (a classifier head)
                     selectors.append((user, 0))
@@ -404,10 +450,10 @@ def plan_packing(model: ir.Model) -> _Plan | str:
             s = out.shape
             if (
                 s is None
-                or s.rank() != 3
+                or s.rank() not in (2, 3)
                 or not all(same_dim(a, b) for a, b in zip(s.dims[:2], shape.dims[:2], strict=True))
             ):
-                return f"'{out.name}' is not known to be [B, S, *]"
+                return f"'{out.name}' is not known to be [B, S, *] or [B, S]"
     outside = [n.name for n in attention if id(n) not in nodes]
     if outside:
         return f"Attention {outside[0]} is not downstream of '{start.name}'"
@@ -438,7 +484,7 @@ def _apply(graph: ir.Graph, plan: _Plan) -> None:
     packed.dtype, offsets.dtype = ir.DataType.FLOAT, ir.DataType.INT64
     packed.shape = ir.Shape([ir.SymbolicDim(PACKED_DIM), start.shape.dims[2]])
     offsets.shape = ir.Shape([None])
-    graph.insert_after(start.producer(), pack)
+    graph.insert_before(plan.region[0], pack)  # the embeddings' LayerNorm
     region_ids = {id(n) for n in plan.region}
     for user, index in list(start.uses()):
         if id(user) in region_ids:
@@ -461,6 +507,8 @@ def _apply(graph: ir.Graph, plan: _Plan) -> None:
         for out in node.outputs:
             if out.shape is not None and out.shape.rank() == 3:
                 out.shape = ir.Shape([ir.SymbolicDim(PACKED_DIM), out.shape.dims[2]])
+            elif out.shape is not None and out.shape.rank() == 2:  # per-token scalars
+                out.shape = ir.Shape([ir.SymbolicDim(PACKED_DIM)])
 
     # One UnpackTokens per packed value read as [B, S, D]: a model output (which keeps its
     # name) or the input of a position selector.

@@ -1,0 +1,87 @@
+#include "layer_norm.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+namespace fastonnx {
+namespace {
+constexpr int64_t kRowsPerTask = 16;
+}
+
+bool layer_norm_uses_avx512(Isa isa) { return isa >= Isa::kAvx512Vnni; }
+
+void validate_layer_norm(const LayerNormArgs& a) {
+  auto bad = [](const std::string& what) { throw std::invalid_argument("LayerNorm: " + what); };
+  if (a.rows < 0) bad("negative row count");
+  if (a.d < 1) bad("the normalized axis must have at least one element, got " + std::to_string(a.d));
+  if (!(std::isfinite(a.epsilon) && a.epsilon >= 0.f)) {
+    bad("epsilon must be finite and >= 0, got " + std::to_string(a.epsilon));
+  }
+  if (!a.gamma) bad("missing gamma");
+  if (a.rows > 0 && !a.x) bad("missing input");
+}
+
+void run_layer_norm(const LayerNormArgs& args, Isa isa, const Runner& runner) {
+  validate_layer_norm(args);
+  const std::string why = isa_unavailable_reason(isa);
+  if (!why.empty()) throw std::invalid_argument("LayerNorm: " + std::string(isa_name(isa)) + ": " + why);
+  if (args.rows == 0) return;
+  if (!args.y || !args.yq || !args.row_scale || !args.row_zero_point) {
+    throw std::invalid_argument("LayerNorm: missing output buffer");
+  }
+  const bool vector = layer_norm_uses_avx512(isa);
+  const int64_t tasks = (args.rows + kRowsPerTask - 1) / kRowsPerTask;
+  auto task = [&](size_t t) {
+    const int64_t r0 = int64_t(t) * kRowsPerTask, r1 = std::min(args.rows, r0 + kRowsPerTask);
+    if (vector) {
+      layer_norm_detail::rows_avx512(args, r0, r1);
+    } else {
+      layer_norm_detail::rows_ref(args, r0, r1);
+    }
+  };
+  run_tasks(runner, size_t(tasks), task);
+}
+
+namespace layer_norm_detail {
+
+void rows_ref(const LayerNormArgs& a, int64_t r0, int64_t r1) {
+  const int64_t d = a.d;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* x = a.x + r * d;
+    float* y = a.y + r * d;
+    float sum = 0.f;
+    for (int64_t i = 0; i < d; ++i) sum += x[i];
+    const float mean = sum / float(d);
+    float sq = 0.f;
+    for (int64_t i = 0; i < d; ++i) sq += (x[i] - mean) * (x[i] - mean);
+    const float rstd = 1.f / std::sqrt(sq / float(d) + a.epsilon);
+    bool finite = std::isfinite(rstd);
+    float lo = 0.f, hi = 0.f;
+    for (int64_t i = 0; i < d; ++i) {
+      y[i] = (x[i] - mean) * rstd * a.gamma[i] + (a.beta ? a.beta[i] : 0.f);
+      finite = finite && std::isfinite(y[i]);
+      lo = std::min(lo, y[i]);
+      hi = std::max(hi, y[i]);
+    }
+    uint8_t* q = a.yq + r * d;
+    if (!finite) {
+      std::fill(y, y + d, std::numeric_limits<float>::quiet_NaN());
+      std::fill(q, q + d, uint8_t{0});
+      a.row_scale[r] = std::numeric_limits<float>::quiet_NaN();
+      a.row_zero_point[r] = 0;
+      continue;
+    }
+    float scale = 1.f;
+    int32_t zp = 0;
+    scalar::quant_params_from_range(lo, hi, &scale, &zp);
+    for (int64_t i = 0; i < d; ++i) q[i] = scalar::quantize(y[i], 1.f / scale, zp);
+    a.row_scale[r] = scale;
+    a.row_zero_point[r] = uint8_t(zp);
+  }
+}
+
+}  // namespace layer_norm_detail
+}  // namespace fastonnx
