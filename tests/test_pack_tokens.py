@@ -380,3 +380,23 @@ def test_random_offsets_and_masks_give_a_result_or_invalid_argument():
         else:
             np.testing.assert_array_equal(z, unpack_reference(q[:, :16], mask))
     assert 0 < refused < 100
+
+
+def test_ort_packed_attention_with_separate_qkv():
+    lengths = [3, 0, 9, 1]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    t, n, h = int(offsets[-1]), 2, 32
+    rng = np.random.default_rng(12)
+    q, k, v = (rng.standard_normal((t, n * h), dtype=np.float32) for _ in range(3))
+    node = helper.make_node(
+        "Attention", ["q", "k", "v", "", "offsets"], ["y"], domain=fastonnx.OP_DOMAIN, num_heads=n
+    )
+    inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["T", n * h]) for x in "qkv"]
+    inputs.append(helper.make_tensor_value_info("offsets", TensorProto.INT32, ["B1"]))
+    model = make([node], inputs, [helper.make_tensor_value_info("y", 1, ["T", n * h])])
+    feeds = {"q": q, "k": k, "v": v, "offsets": offsets.astype(np.int32)}
+    (y,) = session(model, 2).run(None, feeds)
+    assert_matches(y, packed_reference(q, k, v, offsets, n), "auto", "separate q/k/v, int32")
+    feeds["k"] = k[:-1]
+    text = run_bad(model, feeds)
+    assert "key has shape" in text and "[T, D]" in text, text
