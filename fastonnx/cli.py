@@ -17,6 +17,9 @@ _COMMANDS = {
     "bench": "fastonnx.commands.bench",
     "compress": "fastonnx.commands.compress",
     "package": "fastonnx.commands.package",
+    "serve": "fastonnx.commands.serve",
+    "triton-repo": "fastonnx.commands.triton_repo",
+    "loadtest": "fastonnx.commands.loadtest",
 }
 
 

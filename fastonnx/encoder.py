@@ -51,6 +51,27 @@ def pooling_config(folder: str | os.PathLike | None) -> tuple[str, bool]:
     return pooling, normalize
 
 
+def default_max_length(tokenizer, folder: str | os.PathLike | None) -> int:
+    """Token budget per text: the tokenizer's model maximum (at most 512), and no more than the
+    position embeddings of the model in ``folder`` (its config.json) can take, so long texts are
+    truncated rather than failing inside the model. RoBERTa-style models number positions from
+    pad_token_id + 1."""
+    limit = getattr(tokenizer, "model_max_length", _MAX_LENGTH_CAP) or _MAX_LENGTH_CAP
+    limit = min(int(limit), _MAX_LENGTH_CAP)
+    config = Path(folder) / "config.json" if folder is not None else None
+    if config is not None and config.is_file():
+        try:
+            cfg = json.loads(config.read_text())
+        except (OSError, ValueError):
+            return limit
+        positions = cfg.get("max_position_embeddings")
+        if isinstance(positions, int) and positions > 0:
+            if cfg.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
+                positions -= int(cfg.get("pad_token_id") or 1) + 1
+            limit = min(limit, max(positions, 2))
+    return limit
+
+
 class Encoder:
     """An ONNX encoder with its tokenizer; see the module docstring.
 
@@ -87,8 +108,7 @@ class Encoder:
         if self.pooling not in ("mean", "cls"):
             raise EncoderError(f"pooling must be 'mean' or 'cls', got {self.pooling!r}")
         self.normalize = cfg_normalize if normalize is None else normalize
-        model_max = getattr(tokenizer, "model_max_length", _MAX_LENGTH_CAP) or _MAX_LENGTH_CAP
-        self.max_length = max_length or min(int(model_max), _MAX_LENGTH_CAP)
+        self.max_length = max_length or default_max_length(tokenizer, folder)
         so = session_options(threads)
         self.session = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]

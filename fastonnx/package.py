@@ -23,7 +23,6 @@ import numpy as np
 import onnx_ir as ir
 
 CONTRIB_DOMAIN = "ai.onnx.contrib"
-_MAX_LENGTH_CAP = 512
 _TOKENIZER_OUTPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
 
@@ -111,7 +110,7 @@ def package(
 
     ``pooling``: "mean", "cls", "none" or None (from ``config_dir``'s sentence-transformers
     configuration; mean when there is none). Only for token-state outputs [B, S, D]."""
-    from fastonnx.encoder import pooling_config
+    from fastonnx.encoder import default_max_length, pooling_config
 
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs}
@@ -121,8 +120,7 @@ def package(
     if unknown:
         raise PackageError(f"the tokenizer does not give the model inputs {sorted(unknown)}")
     cfg_pooling, cfg_normalize = pooling_config(config_dir)
-    model_max = getattr(tokenizer, "model_max_length", _MAX_LENGTH_CAP) or _MAX_LENGTH_CAP
-    max_length = max_length or min(int(model_max), _MAX_LENGTH_CAP)
+    max_length = max_length or default_max_length(tokenizer, config_dir)
     if max_length < 2:
         raise PackageError(f"max_length must be >= 2 ([CLS] and [SEP]), got {max_length}")
 
@@ -190,6 +188,9 @@ def package(
         while label in taken - {result.name}:
             label = "fastonnx_" + label
         result.name = label
+        # Typed like the encoder's output, so the packaged model loads and checks like any other.
+        result.dtype = out.dtype or ir.DataType.FLOAT
+        result.shape = ir.Shape([1, out.shape.dims[-1]])
         graph.outputs.clear()
         graph.outputs.append(result)
     return PackageReport(type(tokenizer).__name__, pooling, normalize, max_length, label)

@@ -138,3 +138,28 @@ def test_classifier_predict(tokenizer, tmp_path):
     labels = enc(TEXTS[:1] + TEXTS[3:4])  # equal-length batch: no padding in the mean
     expected = [int((emb[tok(t)["input_ids"]].mean(0) @ w).argmax()) for t in (TEXTS[0], TEXTS[3])]
     assert labels.tolist() == expected
+
+
+def test_long_texts_are_cut_to_the_model_positions(tiny_bert, tokenizer, tmp_path):
+    """With the model's config.json beside the tokenizer, the default budget is its position
+    count, so a text longer than the model takes is truncated, not an error inside ORT."""
+    import shutil
+
+    from encoders import MAX_POSITIONS
+
+    from fastonnx.encoder import default_max_length
+
+    tok, folder = tokenizer
+    local = tmp_path / "tok"
+    shutil.copytree(folder, local)
+    (local / "config.json").write_text(json.dumps({"max_position_embeddings": MAX_POSITIONS}))
+    enc = fastonnx.Encoder(tiny_bert, local, threads=1)
+    assert enc.max_length == MAX_POSITIONS < tok.model_max_length
+    long = " ".join(["good"] * (3 * MAX_POSITIONS))
+    (v,) = enc.encode([long])
+    ids = tok(long, truncation=True, max_length=MAX_POSITIONS)["input_ids"]
+    ref = token_states(tiny_bert, np.array([ids], dtype=np.int64))[0].mean(axis=0)
+    np.testing.assert_allclose(v, ref, atol=2e-5)
+    roberta = {"max_position_embeddings": 66, "model_type": "roberta", "pad_token_id": 1}
+    (local / "config.json").write_text(json.dumps(roberta))
+    assert default_max_length(tok, local) == 64  # positions start at pad_token_id + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from tiny_tokenizer import token_states
@@ -29,6 +30,9 @@ def test_packaged_model_equals_hf_tokenized_model(tiny_bert, tokenizer, tmp_path
     report = package(model, tok, pooling="mean", normalize=True)
     assert report.output == "sentence_embedding"
     out = save_model(model, tmp_path / "text.onnx")
+    # The output is typed, so the packaged model loads like any other (optimize, triton-repo).
+    reloaded = load_model(out).graph.outputs[0]
+    assert reloaded.dtype == ir.DataType.FLOAT and reloaded.shape.rank() == 2
     sess = text_session(out)
     for text in TEXTS:
         (got,) = sess.run(None, {"text": np.array([text])})

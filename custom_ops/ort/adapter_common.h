@@ -11,6 +11,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../kernels/linear.h"  // Runner
@@ -77,9 +78,18 @@ void set_common_callbacks(OrtCustomOp& op) {
   op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 0; };
   op.CreateKernel = nullptr;
   op.KernelCompute = nullptr;
-  op.CreateKernelV2 = [](const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
+  op.CreateKernelV2 = [](const OrtCustomOp* self, const OrtApi*, const OrtKernelInfo* info,
                          void** kernel) noexcept -> OrtStatusPtr {
-    return guarded([&] { *kernel = new Kernel(info); }, "fastonnx: creating the kernel");
+    return guarded(
+        [&] {
+          // A kernel that depends on which op variant it is takes the op too.
+          if constexpr (std::is_constructible_v<Kernel, const OrtCustomOp*, const OrtKernelInfo*>) {
+            *kernel = new Kernel(self, info);
+          } else {
+            *kernel = new Kernel(info);
+          }
+        },
+        "fastonnx: creating the kernel");
   };
   op.KernelComputeV2 = [](void* kernel, OrtKernelContext* context) noexcept -> OrtStatusPtr {
     return guarded([&] { static_cast<const Kernel*>(kernel)->compute(context); },

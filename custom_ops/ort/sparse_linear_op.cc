@@ -1,7 +1,6 @@
 #include "sparse_linear_op.h"
 
 #include <algorithm>
-#include <climits>
 #include <cstring>
 #include <memory>
 #include <new>
@@ -43,8 +42,9 @@ const char* op_name(bool quantized_output) {
 
 class SparseLinearKernel {
  public:
-  SparseLinearKernel(const OrtKernelInfo* info, bool quantized_output)
-      : quantized_output_(quantized_output), name_(op_name(quantized_output)) {
+  SparseLinearKernel(const OrtCustomOp* op, const OrtKernelInfo* info)
+      : quantized_output_(static_cast<const SparseLinearOp*>(op)->quantized_output),
+        name_(op_name(quantized_output_)) {
     Ort::ConstKernelInfo ki(info);
     activation_ = read_activation(info);
     int is_constant = 0;
@@ -243,33 +243,13 @@ class SparseLinearKernel {
   std::unique_ptr<LinearKernel> kernel_;
 };
 
-OrtStatusPtr ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*,
-                                        const OrtKernelInfo* info, void** kernel) noexcept {
-  return guarded(
-      [&] {
-        const auto* self = static_cast<const SparseLinearOp*>(op);
-        *kernel = new SparseLinearKernel(info, self->quantized_output);
-      },
-      "fastonnx: creating the kernel");
-}
-
-OrtStatusPtr ORT_API_CALL compute(void* kernel, OrtKernelContext* context) noexcept {
-  return guarded([&] { static_cast<const SparseLinearKernel*>(kernel)->compute(context); },
-                 "fastonnx: running the kernel");
-}
-
-void ORT_API_CALL destroy_kernel(void* kernel) noexcept {
-  delete static_cast<SparseLinearKernel*>(kernel);
-}
-
 }  // namespace
 
 SparseLinearOp::SparseLinearOp(bool quantized) : OrtCustomOp{}, quantized_output(quantized) {
-  version = ORT_API_VERSION;
+  set_common_callbacks<SparseLinearKernel>(*this);
   GetName = [](const OrtCustomOp* op) {
     return op_name(static_cast<const SparseLinearOp*>(op)->quantized_output);
   };
-  GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return nullptr; };
   GetInputTypeCount = [](const OrtCustomOp*) { return kInputCount; };
   GetInputType = [](const OrtCustomOp*, size_t index) {
     switch (index) {
@@ -291,23 +271,6 @@ SparseLinearOp::SparseLinearOp(bool quantized) : OrtCustomOp{}, quantized_output
                : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   };
   GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
-  GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
-  GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
-  GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 0; };
-  GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
-  GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 0; };
-  CreateKernel = nullptr;
-  KernelCompute = nullptr;
-  CreateKernelV2 = create_kernel;
-  KernelComputeV2 = compute;
-  KernelDestroy = destroy_kernel;
-  InferOutputShapeFn = nullptr;
-  GetStartVersion = [](const OrtCustomOp*) { return 1; };
-  GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
-  GetMayInplace = nullptr;
-  ReleaseMayInplace = nullptr;
-  GetAliasMap = nullptr;
-  ReleaseAliasMap = nullptr;
 }
 
 }  // namespace fastonnx::ort
