@@ -280,6 +280,8 @@ FASTONNX_OP_ATTRIBUTES = {
     "SparseLinearU8": {"activation"},
     "Attention": {"num_heads", "scale"},
     "LayerNorm": {"epsilon", "axis"},
+    "PackTokens": set(),
+    "UnpackTokens": set(),
 }
 
 

@@ -10,7 +10,10 @@ Presets:
 * ``sparse-int8`` — ``int8``, then linear layers whose weights are sparse enough become
   fastonnx's sparse INT8 op, and self-attention becomes fastonnx's Attention op (with the Q/K/V
   projections of a block merged into one layer where they are all sparse); the output then
-  needs fastonnx's custom-op library.
+  needs fastonnx's custom-op library. Then, where the model allows it (a pure key-padding
+  mask, per-token ops only between the embeddings and the outputs), the encoder runs on the
+  valid tokens only (packed execution, :mod:`fastonnx.passes.pack_tokens`; ``packing=False``
+  turns it off): outputs are zero at padded positions.
 
 A model without a transformer-encoder pattern is returned unchanged, with a note saying so.
 """
@@ -43,7 +46,14 @@ from fastonnx.passes.quantize_qdq import QuantizeConfig, QuantizedLayer, Skipped
 PRESETS: dict[str, tuple[str, ...]] = {
     "fuse": ("fuse",),  # fuse_encoder runs the clean-up itself
     "int8": ("fuse", "quantize"),
-    "sparse-int8": ("fuse", "quantize", "lower_sparse", "lower_attention", "lower_layer_norm"),
+    "sparse-int8": (
+        "fuse",
+        "quantize",
+        "lower_sparse",
+        "lower_attention",
+        "lower_layer_norm",
+        "pack_tokens",
+    ),
 }
 DEFAULT_PRESET = "sparse-int8"
 
@@ -178,6 +188,7 @@ class _Context:
     quantize_config: QuantizeConfig
     min_sparsity: float | None
     dynamic_activations: bool = True
+    packing: bool = True
 
 
 # The module each step needs. They are imported before the first pass runs, so a build without
@@ -188,6 +199,7 @@ _PASS_MODULES = {
     "lower_sparse": "fastonnx.passes.lower_sparse",
     "lower_attention": "fastonnx.passes.lower_attention",
     "lower_layer_norm": "fastonnx.passes.lower_layer_norm",
+    "pack_tokens": "fastonnx.passes.pack_tokens",
 }
 
 
@@ -200,7 +212,8 @@ def require_passes(preset: str) -> None:
             # Only a missing fastonnx module is a build problem; anything else is a bug.
             if not (exc.name or "").startswith("fastonnx"):
                 raise
-            hint = "; use --preset int8" if step.startswith("lower_") else ""
+            native = step.startswith("lower_") or step == "pack_tokens"
+            hint = "; use --preset int8" if native else ""
             raise OptimizeError(
                 f"preset '{preset}' needs {exc.name}, which this fastonnx build lacks{hint}"
             ) from exc
@@ -246,6 +259,16 @@ def _pass_lower_layer_norm(model: ir.Model, ctx: _Context) -> PassRecord:
     return PassRecord("lower_layer_norm", report.counts(), 0.0, report)
 
 
+def _pass_pack_tokens(model: ir.Model, ctx: _Context) -> PassRecord:
+    from fastonnx.passes.pack_tokens import PackingReport, pack_tokens
+
+    if ctx.packing:
+        report = pack_tokens(model)
+    else:
+        report = PackingReport(reason="turned off (--no-packing)")
+    return PassRecord("pack_tokens", report.counts(), 0.0, report)
+
+
 def _changed(record: PassRecord) -> bool:
     # "skipped" counts say what a pass did not do.
     return any(v for k, v in record.counts.items() if "skipped" not in k)
@@ -272,6 +295,7 @@ _PASSES: dict[str, Callable[[ir.Model, _Context], PassRecord]] = {
     "lower_sparse": _pass_lower_sparse,
     "lower_attention": _pass_lower_attention,
     "lower_layer_norm": _pass_lower_layer_norm,
+    "pack_tokens": _pass_pack_tokens,
 }
 
 
@@ -307,6 +331,7 @@ def optimize(
     quantize_config: QuantizeConfig | None = None,
     min_sparsity: float | None = None,
     dynamic_activations: bool = True,
+    packing: bool = True,
 ) -> OptimizeResult:
     """Optimize a transformer encoder for ONNX Runtime on CPUs.
 
@@ -317,7 +342,9 @@ def optimize(
     samples used. ``dynamic_activations`` (sparse-int8, default on): lowered layers quantize
     their input per row at run time instead of with the calibrated per-tensor scale (more
     accurate on real models with activation outliers; ``False`` keeps the QDQ model's exact
-    quantization). Returns the model and a report; save with
+    quantization). ``packing`` (sparse-int8, default on): run the encoder on the valid tokens
+    only where the model allows it (outputs then exactly 0 at padded positions; the report says
+    whether it applied and why not). Returns the model and a report; save with
     ``result.save(path)``.
     """
     if preset not in PRESETS:
@@ -351,7 +378,12 @@ def optimize(
                 "calibrated on synthesized token inputs; real sentences give better ranges"
             )
     ctx = _Context(
-        preset, samples, quantize_config or QuantizeConfig(), min_sparsity, dynamic_activations
+        preset,
+        samples,
+        quantize_config or QuantizeConfig(),
+        min_sparsity,
+        dynamic_activations,
+        packing,
     )
 
     for step in steps:
@@ -361,6 +393,8 @@ def optimize(
         report.passes.append(record)
         if step == "quantize":
             report.notes.extend(record.details.notes)
+        if step == "pack_tokens":
+            report.notes.append(record.details.format())
 
     report.weights_bytes_after = weights_nbytes(model)
     report.changed = any(_changed(record) for record in report.passes)

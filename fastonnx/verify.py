@@ -129,9 +129,15 @@ def compare_models(
     samples: Sequence[Mapping[str, np.ndarray]],
     tolerance: Tolerance,
 ) -> VerifyResult:
-    """Run both models on ``samples`` and compare each output of ``candidate`` by name."""
+    """Run both models on ``samples`` and compare each output of ``candidate`` by name.
+
+    Outputs a packed candidate restores with UnpackTokens are exactly 0 at padded positions by
+    contract (docs/operators.md); they are compared at the valid positions only (the
+    reference's padded positions are zeroed too).
+    """
     if not samples:
         raise ValueError("verification needs at least one sample")
+    unpacked = unpacked_outputs(candidate)
     cosines: dict[str, list[float]] = collections.defaultdict(list)
     max_diff: dict[str, float] = collections.defaultdict(float)
     max_ref: dict[str, float] = collections.defaultdict(float)
@@ -155,6 +161,8 @@ def compare_models(
             cand_out = _run(cand_session, names, sample, "the optimized model")
             for name, a, b in zip(names, ref_out, cand_out, strict=True):
                 a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+                if name in unpacked and a64.shape == b64.shape:
+                    a64 = a64 * (np.asarray(sample[unpacked[name]]) != 0)[..., None]
                 if a64.shape != b64.shape:
                     raise InputError(
                         f"output '{name}' has shape {list(b64.shape)}, reference {list(a64.shape)}"
@@ -178,6 +186,18 @@ def compare_models(
         for n in names
     ]
     return VerifyResult(outputs, tolerance, len(samples))
+
+
+def unpacked_outputs(model: ir.Model) -> dict[str, str]:
+    """Output name -> the mask input name, for outputs of com.fastonnx::UnpackTokens."""
+    out = {}
+    for value in model.graph.outputs:
+        node = value.producer()
+        if node is not None and node.op_type == "UnpackTokens" and node.domain == OP_DOMAIN:
+            mask = node.inputs[2]
+            if mask is not None and mask.is_graph_input():
+                out[value.name] = mask.name
+    return out
 
 
 def _is_logits(a: np.ndarray) -> bool:

@@ -80,8 +80,37 @@ AttentionPath choose_attention_path() {
   return path;
 }
 
+namespace {
+
+[[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("Attention: " + what); }
+
+// Offsets must rise from 0 to T, each step (a sequence) within the sequence limit. Checked in
+// full before any work: every task then reads only its own rows.
+void validate_offsets(const AttentionArgs& a) {
+  if (a.tokens < 0) bad("negative token count");
+  const int64_t* o = a.offsets;
+  if (o[0] != 0) bad("offsets[0] is " + std::to_string(o[0]) + ", not 0");
+  for (int64_t b = 0; b < a.batch; ++b) {
+    const int64_t len = o[b + 1] - o[b];
+    if (o[b + 1] < o[b] || o[b + 1] > a.tokens) {
+      bad("offsets are not non-decreasing within [0, T=" + std::to_string(a.tokens) +
+          "]: offsets[" + std::to_string(b) + "]=" + std::to_string(o[b]) + ", offsets[" +
+          std::to_string(b + 1) + "]=" + std::to_string(o[b + 1]));
+    }
+    if (len > kMaxAttentionSequence) {
+      bad("sequence " + std::to_string(b) + " has " + std::to_string(len) +
+          " tokens, beyond the limit of " + std::to_string(kMaxAttentionSequence));
+    }
+  }
+  if (o[a.batch] != a.tokens) {
+    bad("offsets[B=" + std::to_string(a.batch) + "]=" + std::to_string(o[a.batch]) +
+        " is not the token count T=" + std::to_string(a.tokens));
+  }
+}
+
+}  // namespace
+
 void validate_attention(const AttentionArgs& a) {
-  auto bad = [](const std::string& what) { throw std::invalid_argument("Attention: " + what); };
   if (a.batch < 0 || a.seq < 0) bad("negative batch or sequence length");
   if (a.seq > kMaxAttentionSequence) {
     bad("sequence length " + std::to_string(a.seq) + " exceeds the limit of " +
@@ -96,6 +125,10 @@ void validate_attention(const AttentionArgs& a) {
         std::to_string(kMaxAttentionHeadSize) + "]");
   }
   if (a.token_stride < a.heads * a.head_size) bad("token stride smaller than the hidden size");
+  if (a.offsets) {
+    if (a.mask) bad("packed tokens (offsets) take no attention_bias: each sequence sees its own");
+    validate_offsets(a);
+  }
   if (a.mask) {
     const int64_t* m = a.mask_dims;
     const bool ok = (m[0] == 1 || m[0] == a.batch) && (m[1] == 1 || m[1] == a.heads) &&
@@ -108,7 +141,8 @@ void validate_attention(const AttentionArgs& a) {
           "] (each axis 1 or the full size; the key axis full)");
     }
   }
-  if (a.batch * a.seq > 0 && (!a.q || !a.k || !a.v)) bad("missing Q, K or V");
+  const int64_t rows = a.offsets ? a.tokens : a.batch * a.seq;
+  if (rows > 0 && (!a.q || !a.k || !a.v)) bad("missing Q, K or V");
 }
 
 namespace attention_detail {
@@ -116,12 +150,13 @@ namespace attention_detail {
 Task task_of(const AttentionArgs& a, int64_t task) {
   const int64_t b = task / a.heads, n = task % a.heads;
   const int64_t d = a.heads * a.head_size;
-  const int64_t token0 = b * a.seq * a.token_stride + n * a.head_size;
+  const int64_t first = a.offsets ? a.offsets[b] : b * a.seq;  // the sequence's first row
   Task t{};
-  t.q = a.q + token0;
-  t.k = a.k + token0;
-  t.v = a.v + token0;
-  t.y = a.y + b * a.seq * d + n * a.head_size;
+  t.seq = a.offsets ? a.offsets[b + 1] - a.offsets[b] : a.seq;
+  t.q = a.q + first * a.token_stride + n * a.head_size;
+  t.k = a.k + first * a.token_stride + n * a.head_size;
+  t.v = a.v + first * a.token_stride + n * a.head_size;
+  t.y = a.y + first * d + n * a.head_size;
   if (a.mask) {
     const int64_t* m = a.mask_dims;
     const int64_t plane = m[2] * m[3];
@@ -140,13 +175,16 @@ void run_attention(const AttentionArgs& args, AttentionPath path, const Runner& 
     throw std::invalid_argument(std::string("attention path ") + attention_path_name(path) +
                                 " cannot run here: " + why);
   }
-  if (args.batch == 0 || args.seq == 0) return;
+  if (args.batch == 0 || (args.offsets ? args.tokens : args.seq) == 0) return;
   if (!args.y) throw std::invalid_argument("Attention: missing output");
   using HeadFn = void (*)(const AttentionArgs&, const attention_detail::Task&);
   const HeadFn head = path == AttentionPath::kRef          ? attention_detail::head_ref
                       : path == AttentionPath::kAvx512Bf16 ? attention_detail::head_avx512_bf16
                                                            : attention_detail::head_amx_bf16;
-  auto body = [&](size_t i) { head(args, attention_detail::task_of(args, int64_t(i))); };
+  auto body = [&](size_t i) {
+    const attention_detail::Task t = attention_detail::task_of(args, int64_t(i));
+    if (t.seq > 0) head(args, t);  // a packed sequence may be empty
+  };
   run_tasks(runner, size_t(args.batch * args.heads), body);
 }
 

@@ -1,5 +1,11 @@
 // Encoder self-attention: Y = softmax(Q K^T * scale + mask) V, per batch entry and head.
 //
+// Two layouts share one code path (a task is one sequence and head, whatever the layout):
+// - padded: Q, K, V and Y are [B, S, *], every sequence S tokens long;
+// - packed: they are [T, *], the valid tokens of B sequences back to back, sequence b being
+//   tokens [offsets[b], offsets[b+1]) (int64 [B + 1], cumulative). Attention runs over each
+//   sequence's own tokens only, so there is no mask (and none is accepted).
+//
 // Dimensions: B batch, S sequence (queries and keys: self-attention), N heads, H head size,
 // D = N * H hidden size. Q, K and V are float [B, S, D] views with a common token stride (D for
 // three separate tensors, 3D for one packed [B, S, 3D] projection laid out [Q | K | V]); head n
@@ -49,7 +55,11 @@ AttentionPath attention_path_for_isa(Isa isa);
 AttentionPath choose_attention_path();
 
 struct AttentionArgs {
-  int64_t batch = 0, seq = 0, heads = 0, head_size = 0;
+  int64_t batch = 0, seq = 0, heads = 0, head_size = 0;  // seq: S (padded layout only)
+  // Packed layout when set: B + 1 cumulative token offsets (untrusted: validated) into the
+  // `tokens` (T) rows of q, k, v and y.
+  const int64_t* offsets = nullptr;
+  int64_t tokens = 0;
   const float* q = nullptr;
   const float* k = nullptr;
   const float* v = nullptr;
@@ -58,18 +68,20 @@ struct AttentionArgs {
   const float* mask = nullptr;
   int64_t mask_dims[4] = {0, 0, 0, 0};
   float scale = 1.f;
-  float* y = nullptr;  // [B, S, D], contiguous
+  float* y = nullptr;  // [B, S, D] or [T, D], contiguous
 };
 
-// Throws std::invalid_argument naming what is wrong (sizes beyond the limits, bad mask dims).
+// Throws std::invalid_argument naming what is wrong (sizes beyond the limits, bad mask dims,
+// offsets that do not rise from 0 to T or a sequence longer than the limit).
 void validate_attention(const AttentionArgs& args);
 
 // Validates, then runs on `path` (which must be available) over B x N tasks.
 void run_attention(const AttentionArgs& args, AttentionPath path, const Runner& runner);
 
-// One batch entry and head, for each path (one file each). `task` = b * N + n.
+// One sequence and head, for each path (one file each). `task` = b * N + n.
 namespace attention_detail {
 struct Task {
+  int64_t seq;  // this sequence's tokens (queries and keys)
   const float* q;  // first token of this head's Q (stride token_stride)
   const float* k;
   const float* v;

@@ -79,8 +79,8 @@ FASTONNX_AMX_BF16 void head_amx_bf16(const AttentionArgs& a, const Task& t) {
   alignas(64) float out[kRows * 64];
   float inv[kRows];
   bool skip[kRows];
-  for (int64_t s0 = 0; s0 < a.seq; s0 += kRows) {
-    const int64_t rows = std::min(kRows, a.seq - s0);
+  for (int64_t s0 = 0; s0 < t.seq; s0 += kRows) {
+    const int64_t rows = std::min(kRows, t.seq - s0);
     load_queries(a, t, s0, rows, kRows, w);
     scores(w);
     softmax_rows(a, t, s0, rows, kRows, w, inv, skip);

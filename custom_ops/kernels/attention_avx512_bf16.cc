@@ -82,8 +82,8 @@ FASTONNX_AVX512_BF16 void head_avx512_bf16(const AttentionArgs& a, const Task& t
   const int64_t nblk = w.tcp / 16, npairs = (w.tc + 1) / 2, used_pairs = (h + 1) / 2;
   float inv[kRows];
   bool skip[kRows];
-  for (int64_t s0 = 0; s0 < a.seq; s0 += kRows) {
-    const int64_t rows = std::min(kRows, a.seq - s0);
+  for (int64_t s0 = 0; s0 < t.seq; s0 += kRows) {
+    const int64_t rows = std::min(kRows, t.seq - s0);
     load_queries(a, t, s0, rows, kRows, w);
     int64_t jb = 0;
     for (; jb + 2 <= nblk; jb += 2) score_blocks<2>(w.qb, w.qw, w.kp, w.kpairs, used_pairs, jb, w.sc, w.tcp);

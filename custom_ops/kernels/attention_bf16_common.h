@@ -147,7 +147,7 @@ struct Work {
 // every key is skipped for every query (the output rows are then written: the mean of V).
 FASTONNX_AVX512_BF16 static inline bool prepare(const AttentionArgs& a, const Task& t,
                                                 int64_t rows, int64_t key_multiple, Work& w) {
-  const int64_t s_len = a.seq, h = a.head_size, stride = a.token_stride;
+  const int64_t s_len = t.seq, h = a.head_size, stride = a.token_stride;
   const int64_t d = a.heads * a.head_size;
   w.hp = round_up(h, 32);
   w.qw = w.hp / 2;
@@ -271,8 +271,9 @@ FASTONNX_AVX512_BF16 static inline void softmax_rows(const AttentionArgs& a, con
   const int64_t d = a.heads * a.head_size, tcp = w.tcp;
   const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
   // With a zero (or no) mask only the kept keys are visited; the padding lanes are masked off.
-  const bool add_mask = !w.mask_zero && (t.mask != nullptr);
-  const int64_t used = add_mask ? tcp : round_up(w.tc, 16);
+  // A per-query mask row that is 0 at every kept key (a key-padding mask spelt [B, 1, S, S])
+  // takes the same no-mask arithmetic, so it gives what the packed layout gives, bit for bit.
+  const bool block_add_mask = !w.mask_zero && (t.mask != nullptr);
   for (int64_t r = 0; r < block; ++r) {
     uint16_t* prow = w.pb + r * tcp;
     skip[r] = r >= rows;
@@ -280,9 +281,11 @@ FASTONNX_AVX512_BF16 static inline void softmax_rows(const AttentionArgs& a, con
       std::memset(prow, 0, size_t(tcp) * 2);
       continue;
     }
+    bool add_mask = block_add_mask;
     if (w.per_row_mask) {
-      gather_mask(t.mask + (s0 + r) * t.mask_row_stride, w.idx, w.tc, tcp, w.mrow);
+      add_mask = !gather_mask(t.mask + (s0 + r) * t.mask_row_stride, w.idx, w.tc, tcp, w.mrow);
     }
+    const int64_t used = add_mask ? tcp : round_up(w.tc, 16);
     float* x = w.sc + r * tcp;
     if (!add_mask) {
       // The kept keys' scores are finite: 2^x directly, without a max pass, unless that
@@ -322,7 +325,7 @@ FASTONNX_AVX512_BF16 static inline void softmax_rows(const AttentionArgs& a, con
     }
     const float max = _mm512_reduce_max_ps(vmax);
     if (max == -INFINITY) {  // every key of this row skipped
-      if (!w.have_mean) mean_v(t.v, a.seq, a.head_size, a.token_stride, w.vmean);
+      if (!w.have_mean) mean_v(t.v, t.seq, a.head_size, a.token_stride, w.vmean);
       w.have_mean = true;
       std::memcpy(t.y + (s0 + r) * d, w.vmean, size_t(a.head_size) * 4);
       std::memset(prow, 0, size_t(tcp) * 2);

@@ -8,7 +8,7 @@
 namespace fastonnx::attention_detail {
 
 void head_ref(const AttentionArgs& a, const Task& t) {
-  const int64_t s_len = a.seq, h_len = a.head_size, stride = a.token_stride;
+  const int64_t s_len = t.seq, h_len = a.head_size, stride = a.token_stride;
   const int64_t d = a.heads * a.head_size;
   std::vector<float> score(static_cast<size_t>(s_len));
   std::vector<float> acc(static_cast<size_t>(h_len));

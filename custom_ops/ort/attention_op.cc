@@ -17,8 +17,9 @@ enum Input : size_t {
   kKey = 1,            // [B, S, D], optional
   kValue = 2,          // [B, S, D], optional (present exactly when key is)
   kAttentionBias = 3,  // additive mask [B|1, N|1, S|1, S], optional
+  kOffsets = 4,        // int32/int64 [B + 1], optional: packed tokens, q/k/v [T, *] (no bias)
 };
-constexpr size_t kInputCount = 4;
+constexpr size_t kInputCount = 5;
 
 [[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("Attention: " + what); }
 
@@ -28,6 +29,25 @@ const float* float_data(const Ort::ConstValue& v, const char* what) {
     fail(std::string(what) + " must be float32 (element type " + std::to_string(type) + ")");
   }
   return v.GetTensorData<float>();
+}
+
+// Offsets as int64 (int32 accepted); their values are checked by validate_attention.
+std::vector<int64_t> read_offsets(const Ort::ConstValue& v) {
+  const auto info = v.GetTensorTypeAndShapeInfo();
+  const std::vector<int64_t> shape = info.GetShape();
+  if (shape.size() != 1 || shape[0] < 1) {
+    fail("offsets must be 1-D [B + 1] with B >= 0, got " + shape_str(shape));
+  }
+  const auto type = info.GetElementType();
+  if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64) {
+    const int64_t* p = v.GetTensorData<int64_t>();
+    return std::vector<int64_t>(p, p + shape[0]);
+  }
+  if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) {
+    const int32_t* p = v.GetTensorData<int32_t>();
+    return std::vector<int64_t>(p, p + shape[0]);
+  }
+  fail("offsets must be int64 or int32 (element type " + std::to_string(type) + ")");
 }
 
 class AttentionKernel {
@@ -75,21 +95,37 @@ class AttentionKernel {
     Ort::ConstValue k = input(kKey);
     Ort::ConstValue v = input(kValue);
     Ort::ConstValue mask = input(kAttentionBias);
+    Ort::ConstValue offsets = input(kOffsets);
     const std::vector<int64_t> q_shape = q.GetTensorTypeAndShapeInfo().GetShape();
-    if (q_shape.size() != 3) fail("query must be 3-D [B, S, D] (or [B, S, 3D]), got " + shape_str(q_shape));
     AttentionArgs args;
-    args.batch = q_shape[0];
-    args.seq = q_shape[1];
+    std::vector<int64_t> offsets64;
+    if (offsets) {
+      if (q_shape.size() != 2) {
+        fail("with offsets (packed tokens) query must be 2-D [T, D] (or [T, 3D]), got " +
+             shape_str(q_shape));
+      }
+      if (mask) fail("with offsets (packed tokens) attention_bias must be absent");
+      offsets64 = read_offsets(offsets);
+      args.batch = int64_t(offsets64.size()) - 1;
+      args.tokens = q_shape[0];
+      args.offsets = offsets64.data();
+    } else {
+      if (q_shape.size() != 3) {
+        fail("query must be 3-D [B, S, D] (or [B, S, 3D]), got " + shape_str(q_shape));
+      }
+      args.batch = q_shape[0];
+      args.seq = q_shape[1];
+    }
     args.heads = heads_;
     args.q = float_data(q, "query");
-    int64_t d = q_shape[2];
+    int64_t d = q_shape.back();
     if (bool(k) != bool(v)) fail("key and value must both be given, or both absent (packed QKV)");
     if (k) {
       for (auto [value, what] : {std::pair{k, "key"}, std::pair{v, "value"}}) {
         const std::vector<int64_t> shape = value.GetTensorTypeAndShapeInfo().GetShape();
         if (shape != q_shape) {
           fail(std::string(what) + " has shape " + shape_str(shape) + " but query has " +
-               shape_str(q_shape) + " (self-attention: all three are [B, S, D])");
+               shape_str(q_shape) + " (self-attention: all three are [B, S, D] or [T, D])");
         }
       }
       args.k = float_data(k, "key");
@@ -119,8 +155,10 @@ class AttentionKernel {
       args.mask = float_data(mask, "attention_bias");
       for (size_t i = 0; i < 4; ++i) args.mask_dims[i] = m[i];
     }
-    validate_attention(args);  // bounds before the output is allocated
-    Ort::UnownedValue y = ctx.GetOutput(0, {args.batch, args.seq, d});
+    validate_attention(args);  // bounds (and offsets) before the output is allocated
+    std::vector<int64_t> y_shape = q_shape;
+    y_shape.back() = d;
+    Ort::UnownedValue y = ctx.GetOutput(0, y_shape);
     args.y = y.GetTensorMutableData<float>();
     run_attention(args, path_, OrtRunner(context));
   }

@@ -2,6 +2,7 @@
 // (SessionOptions.register_custom_ops_library(fastonnx.get_library_path())).
 #include "attention_op.h"
 #include "layer_norm_op.h"
+#include "pack_tokens_op.h"
 #include "sparse_linear_op.h"
 
 #include <exception>
@@ -23,6 +24,8 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) noexce
   static fastonnx::ort::SparseLinearOp uint8_output(true);
   static fastonnx::ort::AttentionOp attention;
   static fastonnx::ort::LayerNormOp layer_norm;
+  static fastonnx::ort::PackTokensOp pack_tokens;
+  static fastonnx::ort::UnpackTokensOp unpack_tokens;
   // The domain must outlive every session that uses it and ORT cannot tell us when that is,
   // so it is deliberately never released (a few bytes per registration).
   OrtCustomOpDomain* domain = nullptr;
@@ -31,5 +34,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) noexce
   if (OrtStatus* s = api->CustomOpDomain_Add(domain, &uint8_output)) return s;
   if (OrtStatus* s = api->CustomOpDomain_Add(domain, &attention)) return s;
   if (OrtStatus* s = api->CustomOpDomain_Add(domain, &layer_norm)) return s;
+  if (OrtStatus* s = api->CustomOpDomain_Add(domain, &pack_tokens)) return s;
+  if (OrtStatus* s = api->CustomOpDomain_Add(domain, &unpack_tokens)) return s;
   return api->AddCustomOpDomain(options, domain);
 }

@@ -213,26 +213,40 @@ std::optional<AttentionPath> attention_path_arg(const std::optional<std::string>
   return path;
 }
 
-// Y = softmax(Q K^T * scale + mask) V; key/value None means q is packed [B, S, 3D].
+// Y = softmax(Q K^T * scale + mask) V; key/value None means q is packed [B, S, 3D]. With
+// offsets (int64 [B + 1]) the tokens are packed: q/k/v are [T, D] (or q [T, 3D]).
 Array<float> attention(const Array<float>& q, const std::optional<Array<float>>& k,
                        const std::optional<Array<float>>& v, const std::optional<Array<float>>& mask,
                        int64_t num_heads, std::optional<float> scale,
-                       const std::optional<std::string>& path_name, int threads) {
-  if (q.ndim() != 3) throw std::invalid_argument("q must be float32 [B, S, D] or [B, S, 3D]");
+                       const std::optional<std::string>& path_name, int threads,
+                       const std::optional<Array<int64_t>>& offsets) {
+  const py::ssize_t rank = offsets ? 2 : 3;
+  if (q.ndim() != rank) {
+    throw std::invalid_argument(offsets ? "with offsets, q must be float32 [T, D] or [T, 3D]"
+                                        : "q must be float32 [B, S, D] or [B, S, 3D]");
+  }
   if (bool(k) != bool(v)) throw std::invalid_argument("give both k and v, or neither (packed q)");
   AttentionArgs args;
-  args.batch = q.shape(0);
-  args.seq = q.shape(1);
+  if (offsets) {
+    if (offsets->ndim() != 1 || offsets->shape(0) < 1) {
+      throw std::invalid_argument("offsets must be int64 [B + 1]");
+    }
+    args.batch = offsets->shape(0) - 1;
+    args.tokens = q.shape(0);
+    args.offsets = offsets->data();
+  } else {
+    args.batch = q.shape(0);
+    args.seq = q.shape(1);
+  }
   args.heads = num_heads;
   args.q = q.data();
-  int64_t d = q.shape(2);
+  int64_t d = q.shape(rank - 1);
   args.token_stride = d;
   if (k) {
     for (const Array<float>* x : {&*k, &*v}) {
-      if (x->ndim() != 3 || x->shape(0) != q.shape(0) || x->shape(1) != q.shape(1) ||
-          x->shape(2) != q.shape(2)) {
-        throw std::invalid_argument("k and v must have q's shape [B, S, D]");
-      }
+      bool same = x->ndim() == rank;
+      for (py::ssize_t i = 0; same && i < rank; ++i) same = x->shape(i) == q.shape(i);
+      if (!same) throw std::invalid_argument("k and v must have q's shape [B, S, D] or [T, D]");
     }
     args.k = k->data();
     args.v = v->data();
@@ -254,7 +268,8 @@ Array<float> attention(const Array<float>& q, const std::optional<Array<float>>&
     for (int i = 0; i < 4; ++i) args.mask_dims[i] = mask->shape(i);
   }
   validate_attention(args);
-  Array<float> y({q.shape(0), q.shape(1), py::ssize_t(d)});
+  Array<float> y = offsets ? Array<float>({q.shape(0), py::ssize_t(d)})
+                           : Array<float>({q.shape(0), q.shape(1), py::ssize_t(d)});
   args.y = y.mutable_data();
   const AttentionPath path = [&] {
     const auto chosen = attention_path_arg(path_name);
@@ -365,9 +380,11 @@ PYBIND11_MODULE(_native, m) {
   m.def("attention", &attention, py::arg("q"), py::arg("k") = py::none(), py::arg("v") = py::none(),
         py::arg("mask") = py::none(), py::kw_only(), py::arg("num_heads"),
         py::arg("scale") = py::none(), py::arg("path") = py::none(), py::arg("threads") = 1,
+        py::arg("offsets") = py::none(),
         "softmax(q k^T * scale + mask) v per head (com.fastonnx::Attention's kernel); k=v=None "
-        "reads q as packed [B, S, 3D] = [Q | K | V]. path: None (FASTONNX_ISA or best), "
-        "'ref', 'avx512_bf16' or 'amx_bf16'.");
+        "reads q as packed [B, S, 3D] = [Q | K | V]. offsets (int64 [B + 1]): packed tokens, "
+        "q/k/v [T, D] (or q [T, 3D]), sequence b being rows offsets[b] .. offsets[b+1]. path: "
+        "None (FASTONNX_ISA or best), 'ref', 'avx512_bf16' or 'amx_bf16'.");
   m.def("best_isa", [] { return std::string(isa_name(best_isa())); });
   m.def("forced_isa", [] {
     const auto isa = forced_isa_from_env();

@@ -29,6 +29,7 @@ import numpy as np
 
 from fastonnx.bench.timing import Timing, time_interleaved
 from fastonnx.bench.variants import (
+    DEFAULT_KEYS,
     INT8_REFERENCE_KEY,
     REFERENCE_KEY,
     SPEC_BY_KEY,
@@ -58,12 +59,13 @@ class BenchConfig:
     warmup: int = 5  # rounds before timing (every variant once per round)
     runs: int = 30  # timed rounds
     seed: int = 0
-    variants: tuple[str, ...] = tuple(s.key for s in SPECS)
+    variants: tuple[str, ...] = DEFAULT_KEYS
     calibration: Path | None = None  # .npz for variants 4/5; else synthesized token inputs
     num_samples: int = 16  # calibration samples
     parity_samples: int = 4
     fastonnx_model: Path | None = None  # already optimized: skip optimizing
     qdq_model: Path | None = None
+    padded_model: Path | None = None  # already optimized with --no-packing (variant 5p)
     eval_data: Path | None = None  # .npz with the model inputs and `labels`
     profile: bool = False
     spin: bool = False  # keep ORT's spinning worker threads (see variants.ort_session_options)
@@ -236,11 +238,26 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 # Check: parity and accuracy
 
 
-def _parity(reference: list[np.ndarray], outputs: list[np.ndarray], name: str) -> Parity:
+def valid_positions(output: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """A token output [B, S, ...] with its padded positions (mask 0) zeroed: what they hold is
+    no result (packed fastonnx models give exactly 0 there, padded runtimes anything)."""
+    if mask is None or output.ndim < 3 or output.shape[:2] != np.shape(mask):
+        return output
+    return output * (np.asarray(mask) != 0).reshape(*np.shape(mask), *([1] * (output.ndim - 2)))
+
+
+def _parity(
+    reference: list[np.ndarray],
+    outputs: list[np.ndarray],
+    name: str,
+    masks: Sequence[np.ndarray | None] | None = None,
+) -> Parity:
     parity = Parity(output=name, samples=len(reference))
     cosines, worst = [], 0.0
-    for ref, got in zip(reference, outputs, strict=True):
+    masks = masks or [None] * len(reference)
+    for ref, got, mask in zip(reference, outputs, masks, strict=True):
         ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+        ref, got = valid_positions(ref, mask), valid_positions(got, mask)
         if ref.shape != got.shape:
             parity.error = f"first output has shape {list(got.shape)}, reference {list(ref.shape)}"
             return parity
@@ -305,7 +322,8 @@ def check_variants(
         if result.key == REFERENCE_KEY:
             reference = outputs
         if reference is not None:
-            result.parity = _parity(reference, outputs, output_name)
+            masks = [s.get("attention_mask") for s in samples]
+            result.parity = _parity(reference, outputs, output_name, masks)
         if eval_data is not None:
             try:
                 result.accuracy = _accuracy(runner, *eval_data)
@@ -500,6 +518,7 @@ def run_model_bench(config: BenchConfig, progress: Progress | None = None) -> Be
         calibration=_calibration(model, config),
         fastonnx_model=config.fastonnx_model,
         qdq_model=config.qdq_model,
+        padded_model=config.padded_model,
     )
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -32,7 +32,10 @@ variants (--variants selects some; all by default):
   2  ort-opt       ORT after onnxruntime.transformers optimize_model (model_type bert)
   3  ort-int8      ORT quantize_dynamic applied to variant 2's model
   4  fastonnx-qdq  fastonnx preset int8 (QDQ), in vanilla ORT without fastonnx's library
-  5  fastonnx      fastonnx preset sparse-int8, with fastonnx's custom-op library
+  5  fastonnx      fastonnx preset sparse-int8, with fastonnx's custom-op library (packed
+                   execution where it applies: only the valid tokens are computed)
+  5p fastonnx-padded  the same with --no-packing (every padded position computed); not run
+                   unless named in --variants (or with --texts)
   6a openvino      OpenVINO on the exported model (its CPU default precision; bf16 on CPUs
                    with AMX / AVX512-BF16, read back from the compiled model)
   6b openvino-qdq  OpenVINO on variant 4's QDQ model
@@ -46,7 +49,17 @@ measurement:
   synthesized token inputs (--seed). ORT's worker spinning is off unless --spin: an idle
   session's spinning workers would steal cores from the session timed next.
   Parity: cosine (worst sample) and max abs diff of the first output against variant 1,
-  on --parity-samples fresh inputs (every other one padded).
+  on --parity-samples fresh inputs (every other one padded); token outputs [B, S, ...] are
+  compared at the valid positions (attention_mask 1) only.
+
+real sentences (--texts FILE --tokenizer DIR):
+  --text-batches random batches of the largest --batch-sizes sentences (default 32) from FILE
+  (one per line, or the last column of a .csv), each padded to its longest (at most
+  --seq-len tokens), timed on the most --threads: one round runs every batch once, variants
+  interleaved round by round. Default variants: fastonnx (packed), fastonnx-padded, ort-int8,
+  openvino-qdq. Reports sequences/s, tokens/s (valid tokens), the ratios to padded fastonnx
+  and to OpenVINO int8, and each output's cosine to padded fastonnx at the valid positions.
+  Writes bench-texts.json under --out-dir; calibrates on the file's first --num-samples.
 
 accuracy (--eval-data FILE.npz):
   one array per model input (axis 0 = rows) plus `labels` (integer class ids); the first
@@ -294,8 +307,23 @@ def model_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=[s.key for s in SPECS],
         metavar="KEY",
-        default=[s.key for s in SPECS],
-        help="variants to run (default: all; keys below)",
+        default=None,
+        help="variants to run (default: all but fastonnx-padded; with --texts: fastonnx, "
+        "fastonnx-padded, ort-int8, openvino-qdq; keys below)",
+    )
+    texts = p.add_argument_group("real sentences")
+    texts.add_argument(
+        "--texts", type=Path, metavar="FILE", help="time on these sentences (see below)"
+    )
+    texts.add_argument(
+        "--tokenizer", type=Path, metavar="DIR", help="the model's tokenizer folder (--texts)"
+    )
+    texts.add_argument(
+        "--text-batches",
+        metavar="N",
+        type=_positive,
+        default=8,
+        help="random batches per round with --texts (8)",
     )
     shape.add_argument(
         "--spin", action="store_true", help="keep ORT's spinning worker threads (default: off)"
@@ -312,6 +340,12 @@ def model_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="an already optimized sparse-int8 model (variant 5): skip optimizing",
+    )
+    models.add_argument(
+        "--fastonnx-padded-model",
+        type=Path,
+        metavar="FILE",
+        help="an already optimized sparse-int8 --no-packing model (variant 5p): skip optimizing",
     )
     models.add_argument(
         "--qdq-model",
@@ -341,6 +375,57 @@ def model_parser() -> argparse.ArgumentParser:
 
 
 def run_model(args: argparse.Namespace) -> int:
+    if (args.texts is None) != (args.tokenizer is None):
+        print("fastonnx bench: error: --texts and --tokenizer go together", file=sys.stderr)
+        return 2
+    if args.variants is None:
+        from fastonnx.bench.texts import TEXT_VARIANTS
+        from fastonnx.bench.variants import DEFAULT_KEYS
+
+        args.variants = list(TEXT_VARIANTS if args.texts else DEFAULT_KEYS)
+    return run_texts(args) if args.texts is not None else run_synthetic(args)
+
+
+def run_texts(args: argparse.Namespace) -> int:
+    from fastonnx.bench.model import BenchConfig, Progress
+    from fastonnx.bench.texts import format_text_result, run_text_bench, write_text_json
+    from fastonnx.model_io import InputError
+
+    config = BenchConfig(
+        model=args.model,
+        out_dir=args.out_dir,
+        seq_len=args.seq_len,
+        threads=tuple(dict.fromkeys(args.threads)),
+        batch_sizes=tuple(dict.fromkeys(args.batch_sizes)) or (32,),
+        warmup=args.warmup,
+        runs=args.runs,
+        seed=args.seed,
+        variants=tuple(dict.fromkeys(args.variants)),
+        calibration=args.calibration,
+        num_samples=args.num_samples,
+        fastonnx_model=args.fastonnx_model,
+        qdq_model=args.qdq_model,
+        padded_model=args.fastonnx_padded_model,
+        spin=args.spin,
+    )
+    try:
+        result = run_text_bench(
+            config,
+            args.texts,
+            args.tokenizer,
+            Progress(enabled=not args.quiet),
+            batches=args.text_batches,
+        )
+    except InputError as exc:
+        print(f"fastonnx bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_text_result(result))
+    path = write_text_json(result, config.out_dir / "bench-texts.json")
+    print(f"\nwrote {path}")
+    return 0 if any(r.timing for r in result.rows) else 1
+
+
+def run_synthetic(args: argparse.Namespace) -> int:
     from fastonnx.bench.chart import ChartUnavailable, write_chart
     from fastonnx.bench.model import BenchConfig, Progress, run_model_bench
     from fastonnx.bench.report import format_header, format_profiles, format_table, write_json
@@ -361,6 +446,7 @@ def run_model(args: argparse.Namespace) -> int:
         parity_samples=args.parity_samples,
         fastonnx_model=args.fastonnx_model,
         qdq_model=args.qdq_model,
+        padded_model=args.fastonnx_padded_model,
         eval_data=args.eval_data,
         profile=args.profile,
         spin=args.spin,

@@ -11,7 +11,8 @@ presets:
   fuse         clean-up + fusions (attention, LayerNorm, SkipLayerNorm, Gelu); float
   int8         fuse + static INT8 quantization (QDQ form; runs in vanilla ONNX Runtime)
   sparse-int8  int8 + sparse INT8 kernels for weights with enough zero blocks
-               (the output needs fastonnx's custom-op library to run)
+               (the output needs fastonnx's custom-op library to run); packed execution
+               (only the valid tokens are computed; outputs 0 at padding) where it applies
 
 calibration (int8 presets), best first:
   --calibration FILE.npz               one array per model input name, axis 0 = samples
@@ -106,6 +107,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "more accurate on real models with activation outliers)",
     )
     parser.add_argument(
+        "--no-packing",
+        action="store_true",
+        help="sparse-int8: keep padded execution (by default the encoder runs on the valid "
+        "tokens only where the model allows it, and token outputs are exactly 0 at padded "
+        "positions)",
+    )
+    parser.add_argument(
         "--verify",
         action="store_true",
         help="compare outputs with the input model; exit 1 when beyond the preset's tolerance",
@@ -186,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
             quantize_config=QuantizeConfig(method=args.calibration_method),
             min_sparsity=args.min_sparsity,
             dynamic_activations=not args.static_activations,
+            packing=not args.no_packing,
         )
         print(f"{src} -> {dst}")
         print(format_report(result.report, verbose=args.verbose))
