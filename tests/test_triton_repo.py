@@ -116,8 +116,8 @@ def test_tokenizer_inside_repository(tiny_bert, tokenizer, tmp_path):
     config = parsed(report)
     inputs, outputs = io(config)
     assert inputs == [("text", "TYPE_STRING", [1])]
-    # The packaged pooled output is untyped in the file: the type comes from ORT's inference.
-    assert outputs == [("sentence_embedding", "TYPE_FP32", [-1, 64])]
+    # One text in, one pooled vector out: the packaged output is typed [1, D] in the file.
+    assert outputs == [("sentence_embedding", "TYPE_FP32", [1, 64])]
     libs = list(config.model_operations.op_library_filename)
     assert libs == [f"{(tmp_path / 'repo').resolve()}/text/{EXTENSIONS_LIBRARY}"]
     assert (report.path / EXTENSIONS_LIBRARY).read_bytes() == ext.read_bytes()
