@@ -1,6 +1,5 @@
 #include "attention_op.h"
 
-#include <climits>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -170,27 +169,11 @@ class AttentionKernel {
   AttentionPath path_ = AttentionPath::kRef;
 };
 
-OrtStatusPtr ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
-                                        void** kernel) noexcept {
-  return guarded([&] { *kernel = new AttentionKernel(info); },
-                 "fastonnx Attention: unknown error creating kernel");
-}
-
-OrtStatusPtr ORT_API_CALL compute(void* kernel, OrtKernelContext* context) noexcept {
-  return guarded([&] { static_cast<const AttentionKernel*>(kernel)->compute(context); },
-                 "fastonnx Attention: unknown error in compute");
-}
-
-void ORT_API_CALL destroy_kernel(void* kernel) noexcept {
-  delete static_cast<AttentionKernel*>(kernel);
-}
-
 }  // namespace
 
 AttentionOp::AttentionOp() : OrtCustomOp{} {
-  version = ORT_API_VERSION;
+  set_common_callbacks<AttentionKernel>(*this);
   GetName = [](const OrtCustomOp*) { return "Attention"; };
-  GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return nullptr; };
   GetInputTypeCount = [](const OrtCustomOp*) { return kInputCount; };
   // Types are checked in compute, so a wrong one is an error that names the input.
   GetInputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; };
@@ -200,23 +183,6 @@ AttentionOp::AttentionOp() : OrtCustomOp{} {
   GetOutputTypeCount = [](const OrtCustomOp*) { return size_t{1}; };
   GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
   GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
-  GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
-  GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
-  GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 0; };
-  GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
-  GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 0; };
-  CreateKernel = nullptr;
-  KernelCompute = nullptr;
-  CreateKernelV2 = create_kernel;
-  KernelComputeV2 = compute;
-  KernelDestroy = destroy_kernel;
-  InferOutputShapeFn = nullptr;
-  GetStartVersion = [](const OrtCustomOp*) { return 1; };
-  GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
-  GetMayInplace = nullptr;
-  ReleaseMayInplace = nullptr;
-  GetAliasMap = nullptr;
-  ReleaseAliasMap = nullptr;
 }
 
 }  // namespace fastonnx::ort

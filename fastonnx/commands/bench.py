@@ -386,52 +386,11 @@ def run_model(args: argparse.Namespace) -> int:
     return run_texts(args) if args.texts is not None else run_synthetic(args)
 
 
-def run_texts(args: argparse.Namespace) -> int:
-    from fastonnx.bench.model import BenchConfig, Progress
-    from fastonnx.bench.texts import format_text_result, run_text_bench, write_text_json
-    from fastonnx.model_io import InputError
+def _config(args: argparse.Namespace):
+    """The BenchConfig of the command line (repeated values given once)."""
+    from fastonnx.bench.model import BenchConfig
 
-    config = BenchConfig(
-        model=args.model,
-        out_dir=args.out_dir,
-        seq_len=args.seq_len,
-        threads=tuple(dict.fromkeys(args.threads)),
-        batch_sizes=tuple(dict.fromkeys(args.batch_sizes)) or (32,),
-        warmup=args.warmup,
-        runs=args.runs,
-        seed=args.seed,
-        variants=tuple(dict.fromkeys(args.variants)),
-        calibration=args.calibration,
-        num_samples=args.num_samples,
-        fastonnx_model=args.fastonnx_model,
-        qdq_model=args.qdq_model,
-        padded_model=args.fastonnx_padded_model,
-        spin=args.spin,
-    )
-    try:
-        result = run_text_bench(
-            config,
-            args.texts,
-            args.tokenizer,
-            Progress(enabled=not args.quiet),
-            batches=args.text_batches,
-        )
-    except InputError as exc:
-        print(f"fastonnx bench: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_text_result(result))
-    path = write_text_json(result, config.out_dir / "bench-texts.json")
-    print(f"\nwrote {path}")
-    return 0 if any(r.timing for r in result.rows) else 1
-
-
-def run_synthetic(args: argparse.Namespace) -> int:
-    from fastonnx.bench.chart import ChartUnavailable, write_chart
-    from fastonnx.bench.model import BenchConfig, Progress, run_model_bench
-    from fastonnx.bench.report import format_header, format_profiles, format_table, write_json
-    from fastonnx.model_io import InputError
-
-    config = BenchConfig(
+    return BenchConfig(
         model=args.model,
         out_dir=args.out_dir,
         seq_len=args.seq_len,
@@ -452,6 +411,39 @@ def run_synthetic(args: argparse.Namespace) -> int:
         spin=args.spin,
         chart=not args.no_chart,
     )
+
+
+def run_texts(args: argparse.Namespace) -> int:
+    from fastonnx.bench.model import Progress
+    from fastonnx.bench.texts import format_text_result, run_text_bench, write_text_json
+    from fastonnx.model_io import InputError
+
+    config = _config(args)
+    config.batch_sizes = config.batch_sizes or (32,)
+    try:
+        result = run_text_bench(
+            config,
+            args.texts,
+            args.tokenizer,
+            Progress(enabled=not args.quiet),
+            batches=args.text_batches,
+        )
+    except InputError as exc:
+        print(f"fastonnx bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_text_result(result))
+    path = write_text_json(result, config.out_dir / "bench-texts.json")
+    print(f"\nwrote {path}")
+    return 0 if any(r.timing for r in result.rows) else 1
+
+
+def run_synthetic(args: argparse.Namespace) -> int:
+    from fastonnx.bench.chart import ChartUnavailable, write_chart
+    from fastonnx.bench.model import Progress, run_model_bench
+    from fastonnx.bench.report import format_header, format_profiles, format_table, write_json
+    from fastonnx.model_io import InputError
+
+    config = _config(args)
     progress = Progress(enabled=not args.quiet)
     try:
         result = run_model_bench(config, progress)
