@@ -180,8 +180,9 @@ class Encoder:
             if self.pooling == "cls":
                 out = out[:, 0]
             else:
-                m = mask[..., None].astype(out.dtype)
-                out = (out * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1)
+                # The masked sum as a batched [1, S] x [S, D] product: no [B, S, D] temporary.
+                m = mask.astype(out.dtype)[:, None, :]
+                out = (m @ out)[:, 0, :] / np.maximum(m.sum(axis=2), 1)
         if self.normalize:
             out = out / np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
         return out.astype(np.float32)
