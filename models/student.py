@@ -96,6 +96,7 @@ def prune_and_distill(args, paths: teacher_recipe.TeacherPaths, out: Path) -> di
         settings.batch_size,
         settings.max_len,
         seed=args.seed + 1,
+        group_by_length=settings.group_by_length,
     )
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.student_lr, weight_decay=0.01)
     config = DistillConfig(
