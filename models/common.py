@@ -67,6 +67,7 @@ class Settings:
     # targets are their only loss (movie-review sentences from the same sdist; tiny: synthetic).
     extra_sentences: int = 0
     scope: str = "layer"  # "layer": every layer at the target; "global": one threshold
+    criterion: str = "magnitude"  # how blocks are ranked: "magnitude" or "fisher" (w^2 E[g^2])
     initial_sparsity: float = 0.0  # > 0: a one-shot magnitude start before the cubic ramp
     warmup_fraction: float = 0.1  # of the student's LR schedule
     # A student folder of this mode ("student-80") to start from instead of the teacher: a

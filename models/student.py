@@ -85,6 +85,7 @@ def prune_and_distill(args, paths: teacher_recipe.TeacherPaths, out: Path) -> di
         block_shape=args.block_shape,
         target=args.target,
         scope=settings.scope,
+        criterion=settings.criterion,
     )
     print(f"[student] {pruner.describe()}, schedule {schedule}")
     torch.manual_seed(args.seed)

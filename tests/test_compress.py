@@ -216,6 +216,56 @@ def test_masks_survive_optimizer_steps():
 # Schedule
 
 
+def test_fisher_criterion_ranks_by_weight_times_gradient():
+    """A large block whose gradients are zero goes before a small one the loss depends on; the
+    reference is the per-block sum of w^2 * mean(g^2) in NumPy."""
+    linear = torch.nn.Linear(8, 2, bias=False)
+    holder = torch.nn.Sequential(linear)
+    rng = np.random.default_rng(0)
+    w = rng.uniform(0.5, 1.0, size=(2, 8)).astype(np.float32)
+    w[:, :4] *= 4.0  # the first 1x4 block of each row is the largest by magnitude
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(w))
+    pruner = BlockPruner(holder, 0.5, block_shape=(1, 4), criterion="fisher")
+    optimizer = torch.optim.SGD(linear.parameters(), lr=0.0)
+    pruner.attach(optimizer)
+    grads = []
+    for _ in range(3):
+        x = torch.from_numpy(rng.normal(size=(5, 8)).astype(np.float32))
+        x[:, :4] = 0.0  # the loss never sees the first block: its gradients are zero
+        optimizer.zero_grad()
+        linear(x).pow(2).sum().backward()
+        grads.append(linear.weight.grad.numpy().copy())
+        optimizer.step()
+    pruner.prune(0.5)
+    pruner.detach()
+    fisher = (w**2 * np.mean(np.square(grads), axis=0)).reshape(2, 2, 4).sum(-1)
+    keep = pruner.masks()["0"].numpy()
+    assert keep.tolist() == (fisher == fisher.max(axis=1, keepdims=True)).tolist()
+    assert keep.tolist() == [[False, True], [False, True]]  # magnitude would keep the first
+    magnitude = prune_once(copy_linear(w), 0.5, block_shape=(1, 4))
+    assert magnitude.masks()["0"].tolist() == [[True, False], [True, False]]
+
+
+def copy_linear(w):
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(w))
+    return torch.nn.Sequential(linear)
+
+
+def test_fisher_criterion_without_gradients_is_magnitude():
+    w = np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32)
+    fisher = prune_once(copy_linear(w), 0.5, block_shape=(1, 4), criterion="fisher")
+    magnitude = prune_once(copy_linear(w), 0.5, block_shape=(1, 4))
+    assert torch.equal(fisher.masks()["0"], magnitude.masks()["0"])
+
+
+def test_unknown_criterion():
+    with pytest.raises(ValueError, match="unknown criterion 'movement'; choose from"):
+        BlockPruner(tiny_classifier(), 0.5, criterion="movement")
+
+
 def test_cubic_schedule_values():
     schedule = CubicSchedule(final_sparsity=0.9, begin_step=10, end_step=110, frequency=10)
     assert schedule(0) == 0.0

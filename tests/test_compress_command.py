@@ -337,3 +337,34 @@ def test_real_minilm_through_compress(tmp_path, mode):
     assert len(report["layers"]) == 36 and report["lowered_layers"] == 36
     for name, layer in report["layers"].items():
         assert layer["zero_blocks"] == round(0.8 * layer["blocks"]), name
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_length_grouped_batches_keep_every_row_and_cut_padding(inputs, pairs):
+    from fastonnx.compress.data import LabeledData
+    from fastonnx.compress.pipeline import batches_of
+
+    tok = transformers.AutoTokenizer.from_pretrained(inputs["head"])
+    rng = random.Random(1)
+    rows = [" ".join(rng.choices(FILLER, k=rng.randint(1, 12))) for _ in range(64)]
+    texts = [(t, t[::-1]) if pairs else (t,) for t in rows]
+    data = LabeledData(texts, [i % 2 for i in range(64)], 2, "test")
+    grouped = batches_of(tok, data, 8, 32, seed=0, group_by_length=True)
+    plain = batches_of(tok, data, 8, 32, seed=0)
+
+    def rows_of(batches):
+        got = []
+        for b in batches:
+            for ids, mask, label in zip(
+                b["input_ids"], b["attention_mask"], b["labels"], strict=True
+            ):
+                got.append((tuple(ids[mask.bool()].tolist()), int(label)))
+        return sorted(got)
+
+    assert rows_of(grouped) == rows_of(plain)
+    assert sum(b["input_ids"].numel() for b in grouped) < sum(b["input_ids"].numel() for b in plain)
+    # Batches are runs of the rows sorted by length: their length ranges do not overlap.
+    spans = sorted(
+        (int(m.sum(1).min()), int(m.sum(1).max())) for m in (b["attention_mask"] for b in grouped)
+    )
+    assert all(hi <= lo_next for (_, hi), (lo_next, _) in zip(spans, spans[1:], strict=False))

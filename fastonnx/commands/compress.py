@@ -92,6 +92,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     train.add_argument("--alpha-kd", type=float, default=0.5)
     train.add_argument("--alpha-hidden", type=float, default=0.1)
     train.add_argument("--alpha-cosine", type=float, default=1.0, help="embedding mode")
+    train.add_argument(
+        "--no-group-by-length",
+        dest="group_by_length",
+        action="store_false",
+        help="random student batches (default: batches of one token length, about half the "
+        "padding and a cheaper step)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     run = parser.add_argument_group("checkpoints and outputs")
@@ -147,6 +154,7 @@ def run_command(args: argparse.Namespace) -> int:
         threads=args.threads,
         mode=args.mode,
         alpha_cosine=args.alpha_cosine,
+        group_by_length=args.group_by_length,
     )
     try:
         result = compress(config)

@@ -48,6 +48,10 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 )
 
 NORMS = ("l2", "l1")
+# How blocks are ranked: "magnitude" (the block's norm) or "fisher" (the block's sum of
+# w^2 * E[g^2], the diagonal-Fisher estimate of the loss increase from zeroing it, as in
+# Optimal Brain Damage; gradients collected over the steps since the last mask update).
+CRITERIA = ("magnitude", "fisher")
 SCOPES = ("layer", "global")
 
 # Deployment CPU classes a model can be pruned for ("auto": the CPU this runs on). The names are
@@ -294,6 +298,9 @@ class _Layer:
         self.block = block
         self.block_mask = None  # bool [N/R, K/C]; None until the first prune
         self.pruned = None  # bool [N, K], True where the weight is forced to zero
+        self.collect = False  # "fisher": sum squared gradients as they pass the hook
+        self.grad_sq = None  # float [N, K]: the sum since the last prune
+        self.grad_count = 0
 
     @property
     def weight(self) -> torch.Tensor:
@@ -310,7 +317,21 @@ class _Layer:
             self.weight.data.masked_fill_(self.pruned, 0.0)
 
     def mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.collect:
+            square = grad.detach().float().square()
+            self.grad_sq = square if self.grad_sq is None else self.grad_sq.add_(square)
+            self.grad_count += 1
         return grad if self.pruned is None else grad.masked_fill(self.pruned, 0.0)
+
+    def fisher_scores(self, block: BlockShape) -> torch.Tensor | None:
+        """Per-block sum of w^2 * mean(g^2) over the collected steps; None before any."""
+        if self.grad_sq is None or not self.grad_count:
+            return None
+        saliency = self.weight.detach().float().square() * (self.grad_sq / self.grad_count)
+        return _block_view(saliency, block).sum(dim=(1, 3))
+
+    def reset_gradients(self) -> None:
+        self.grad_sq, self.grad_count = None, 0
 
 
 class BlockPruner:
@@ -322,6 +343,8 @@ class BlockPruner:
     prefers). ``target``: the deployment CPU, one of :data:`TARGETS` (default ``"auto"``, this
     CPU); :attr:`target` and :attr:`block_shape` say what was used.
     ``norm``: ``"l2"`` or ``"l1"`` block magnitude. ``scope``: ``"layer"`` or ``"global"``.
+    ``criterion``: ``"magnitude"`` or ``"fisher"`` (w^2 * E[g^2] per block from the gradients
+    seen while attached, since the last mask update; magnitude until there are any).
     ``include``/``exclude``: see :func:`select_linear_layers`.
 
     Typical training use::
@@ -345,6 +368,7 @@ class BlockPruner:
         scope: str = "layer",
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = DEFAULT_EXCLUDE,
+        criterion: str = "magnitude",
     ) -> None:
         if isinstance(sparsity, CubicSchedule):
             self.schedule = sparsity
@@ -354,6 +378,9 @@ class BlockPruner:
             raise ValueError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; choose from {', '.join(SCOPES)}")
+        if criterion not in CRITERIA:
+            raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+        self.criterion = criterion
         self.target = check_target(target)
         self.block_shape = resolve_block_shape(block_shape, self.target)
         self.norm = norm
@@ -383,7 +410,12 @@ class BlockPruner:
     # -- pruning ---------------------------------------------------------------------------
 
     def _scores(self, layer: _Layer) -> torch.Tensor:
-        scores = block_scores(layer.weight, self.block_shape, self.norm).flatten()
+        scores = None
+        if self.criterion == "fisher":
+            scores = layer.fisher_scores(self.block_shape)
+        if scores is None:
+            scores = block_scores(layer.weight, self.block_shape, self.norm)
+        scores = scores.flatten()
         if layer.block_mask is not None:
             # Pruned blocks rank below everything, so masks only grow as the schedule rises
             # (their weights are 0 anyway; this keeps ties with other all-zero blocks stable).
@@ -420,6 +452,8 @@ class BlockPruner:
                     grid = nonzero_blocks(layer.weight, self.block_shape).shape
                     layer.set_mask(part.reshape(grid))
             self.apply_masks()
+        for layer in self._layers:
+            layer.reset_gradients()  # the next update ranks by the gradients seen after this one
         self.sparsity = sparsity
 
     def update(self, step: int) -> bool:
@@ -471,6 +505,7 @@ class BlockPruner:
         if self._hooks:
             raise RuntimeError("pruner is already attached; call detach() first")
         for layer in self._layers:
+            layer.collect = self.criterion == "fisher"
             self._hooks.append(layer.weight.register_hook(layer.mask_grad))
         if optimizer is not None:
             self._hooks.append(
@@ -482,6 +517,8 @@ class BlockPruner:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        for layer in self._layers:
+            layer.collect = False
 
     # -- reporting -------------------------------------------------------------------------
 
@@ -498,7 +535,8 @@ class BlockPruner:
         r, c = self.block_shape
         return (
             f"{len(self._layers)} layers, {r}x{c} blocks, target {self.target} "
-            f"(kernel path {target_isa(self.target)}), {self.scope} scope"
+            f"(kernel path {target_isa(self.target)}), {self.scope} scope, "
+            f"{self.criterion} criterion"
         )
 
     def report(self) -> str:
