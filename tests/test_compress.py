@@ -484,5 +484,31 @@ def test_pruner_state_round_trips():
         BlockPruner(other, 0.6, block_shape=(4, 4)).load_state_dict(state)
 
 
+def test_pruner_state_carries_fisher_gradients():
+    def gathered(model):
+        pruner = BlockPruner(model, 0.5, block_shape=(1, 4), criterion="fisher")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        pruner.attach(optimizer)
+        for batch in tiny_batches(2):
+            optimizer.zero_grad()
+            model(**batch).loss.backward()
+        pruner.detach()
+        return pruner
+
+    pruner = gathered(tiny_classifier())
+    state = pruner.state_dict()
+    assert set(state["grad_count"].values()) == {2}
+    restored = BlockPruner(tiny_classifier(), 0.5, block_shape=(1, 4), criterion="fisher")
+    restored.load_state_dict(state)
+    plain = BlockPruner(tiny_classifier(), 0.5, block_shape=(1, 4), criterion="fisher")
+    for p in (pruner, restored, plain):
+        p.prune(0.5)
+    masks = pruner.masks()
+    assert all(torch.equal(restored.masks()[n], m) for n, m in masks.items())
+    # Without the gradients the ranking falls back to magnitude, which differs.
+    assert not all(torch.equal(plain.masks()[n], m) for n, m in masks.items())
+    assert "grad_sq" not in pruner.state_dict()  # used up by the prune
+
+
 def expand(mask):
     return mask.repeat_interleave(4, dim=1)

@@ -180,12 +180,16 @@ def student_weights(out):
     return load_file(out / "student" / "model.safetensors")
 
 
-def test_resume_gives_the_uninterrupted_result(inputs, tmp_path):
+# "fisher" stops after step 1, between two mask updates: the resumed run must rank the next
+# update's blocks by the gradients the checkpoint carries.
+@pytest.mark.parametrize(("criterion", "stop"), [("magnitude", "3"), ("fisher", "1")])
+def test_resume_gives_the_uninterrupted_result(inputs, tmp_path, criterion, stop):
     base = ["--sparsity", "0.75", "--block-shape", "1x4", "--checkpoint-every", "2"]
+    base += ["--criterion", criterion]
     whole = tmp_path / "whole"
     assert cli.main(command(inputs["head"], inputs["csv"], whole, *base)) == 0
     parts = tmp_path / "parts"
-    assert cli.main(command(inputs["head"], inputs["csv"], parts, *base, "--stop-after", "3")) == 0
+    assert cli.main(command(inputs["head"], inputs["csv"], parts, *base, "--stop-after", stop)) == 0
     assert (parts / "checkpoint" / "state.pt").exists() and not (parts / "report.json").exists()
     # Without --resume an interrupted run is not silently restarted.
     assert cli.main(command(inputs["head"], inputs["csv"], parts, *base)) == 2

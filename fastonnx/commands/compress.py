@@ -74,6 +74,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     prune.add_argument("--block-shape", metavar="RxC", help="e.g. 1x4, 16x4 (default: --target's)")
     prune.add_argument("--scope", choices=["layer", "global"], default="layer")
     prune.add_argument(
+        "--criterion",
+        choices=["magnitude", "fisher"],
+        default="magnitude",
+        help="how blocks are ranked: magnitude, or fisher (w^2 * E[g^2] from the training "
+        "gradients)",
+    )
+    prune.add_argument(
         "--prune-end",
         type=float,
         default=0.4,
@@ -143,6 +150,7 @@ def run_command(args: argparse.Namespace) -> int:
         alpha_kd=args.alpha_kd,
         alpha_hidden=args.alpha_hidden,
         scope=args.scope,
+        criterion=args.criterion,
         dev_fraction=args.dev_fraction,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,

@@ -94,6 +94,7 @@ class CompressConfig:
     alpha_kd: float = 0.5
     alpha_hidden: float = 0.1
     scope: str = "layer"
+    criterion: str = "magnitude"  # block ranking: "magnitude" or "fisher" (w^2 * E[g^2])
     dev_fraction: float = 0.1
     seed: int = 0
     checkpoint_every: int = 50
@@ -130,6 +131,7 @@ class CompressConfig:
         "alpha_kd",
         "alpha_hidden",
         "scope",
+        "criterion",
         "dev_fraction",
         "seed",
         "mode",
@@ -230,6 +232,8 @@ def prepare(config: CompressConfig, log: Callable[[str], None] | None = None) ->
         raise CompressError(f"unknown mode {config.mode!r}; choose labeled or embedding")
     if config.scope not in ("layer", "global"):
         raise CompressError(f"unknown scope {config.scope!r}; choose layer or global")
+    if config.criterion not in ("magnitude", "fisher"):
+        raise CompressError(f"unknown criterion {config.criterion!r}; choose magnitude or fisher")
     if not 0.0 < config.dev_fraction < 1.0:
         raise CompressError(f"--dev-fraction must be in (0, 1), got {config.dev_fraction}")
     model_folder = Path(config.model)
@@ -555,7 +559,12 @@ def compress(config: CompressConfig, log: Callable[[str], None] | None = None) -
         frequency=max(1, steps // 20),
     )
     pruner = BlockPruner(
-        student, schedule, block_shape=plan.block_shape, target=config.target, scope=config.scope
+        student,
+        schedule,
+        block_shape=plan.block_shape,
+        target=config.target,
+        scope=config.scope,
+        criterion=config.criterion,
     )
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.01)
     scheduler = _linear_warmup_decay(optimizer, steps)

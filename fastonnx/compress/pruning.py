@@ -474,11 +474,18 @@ class BlockPruner:
 
     def state_dict(self) -> dict[str, Any]:
         """The masks and the sparsity they were made for (a checkpoint of the pruning)."""
-        return {
+        state = {
             "sparsity": self.sparsity,
             "block_shape": list(self.block_shape),
             "masks": {x.name: x.block_mask.cpu() for x in self._layers if x.block_mask is not None},
         }
+        # "fisher": the gradients gathered since the last update, so a resumed run ranks the
+        # blocks exactly as an uninterrupted one would.
+        gathered = [x for x in self._layers if x.grad_sq is not None]
+        if gathered:
+            state["grad_sq"] = {x.name: x.grad_sq.cpu().clone() for x in gathered}
+            state["grad_count"] = {x.name: x.grad_count for x in gathered}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (same model layers and block shape) and apply the masks."""
@@ -491,9 +498,14 @@ class BlockPruner:
         unknown = set(masks) - set(self.layer_names)
         if unknown:
             raise ValueError(f"pruner state names layers this model lacks: {sorted(unknown)[:4]}")
+        grad_sq, grad_count = state.get("grad_sq", {}), state.get("grad_count", {})
         for layer in self._layers:
             if layer.name in masks:
                 layer.set_mask(masks[layer.name].to(layer.weight.device))
+            layer.reset_gradients()
+            if layer.name in grad_sq:
+                layer.grad_sq = grad_sq[layer.name].to(layer.weight.device).clone()
+                layer.grad_count = int(grad_count[layer.name])
         self.sparsity = float(state["sparsity"])
         self.apply_masks()
 
