@@ -4,7 +4,8 @@
                              [--block-shape 1x4] [--cache DIR] [--tiny | --full]
 
 Runs the teacher recipe first for whatever of it is missing. The student starts as a copy of
-the teacher; its encoder's linear layers are block-pruned along a cubic schedule (Zhu & Gupta)
+the teacher; its encoder's linear layers are block-pruned (blocks ranked by the recipe's
+criterion: Fisher by default) along a cubic schedule (Zhu & Gupta)
 that reaches ``--sparsity`` part-way through training, the rest of the steps recovering
 accuracy, with the loss of :func:`fastonnx.compress.distillation_loss` (labels + the teacher's
 soft targets + hidden states). Outputs, under ``<cache>/<mode>/student-<percent>/``:

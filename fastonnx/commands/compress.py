@@ -75,10 +75,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     prune.add_argument("--scope", choices=["layer", "global"], default="layer")
     prune.add_argument(
         "--criterion",
-        choices=["magnitude", "fisher"],
-        default="magnitude",
-        help="how blocks are ranked: magnitude, or fisher (w^2 * E[g^2] from the training "
-        "gradients)",
+        choices=["fisher", "magnitude"],
+        default="fisher",
+        help="how blocks are ranked: fisher (default: w^2 * E[g^2] from the training "
+        "gradients, the estimated loss increase), or magnitude",
     )
     prune.add_argument(
         "--prune-end",

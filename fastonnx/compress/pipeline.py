@@ -94,7 +94,7 @@ class CompressConfig:
     alpha_kd: float = 0.5
     alpha_hidden: float = 0.1
     scope: str = "layer"
-    criterion: str = "magnitude"  # block ranking: "magnitude" or "fisher" (w^2 * E[g^2])
+    criterion: str = "fisher"  # block ranking: "fisher" (w^2 * E[g^2]) or "magnitude"
     dev_fraction: float = 0.1
     seed: int = 0
     checkpoint_every: int = 50
