@@ -322,8 +322,11 @@ class _Layer:
 
     def mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
         if self.collect:
-            square = grad.detach().float().square()
-            self.grad_sq = square if self.grad_sq is None else self.grad_sq.add_(square)
+            g = grad.detach().float()
+            if self.grad_sq is None:
+                self.grad_sq = g.square()
+            else:
+                self.grad_sq.addcmul_(g, g)  # in place: no new [N, K] tensor per step
             self.grad_count += 1
         return grad if self.pruned is None else grad.masked_fill(self.pruned, 0.0)
 
