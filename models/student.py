@@ -4,7 +4,8 @@
                              [--block-shape 1x4] [--cache DIR] [--tiny | --full]
 
 Runs the teacher recipe first for whatever of it is missing. The student starts as a copy of
-the teacher; its encoder's linear layers are block-pruned along a cubic schedule (Zhu & Gupta)
+the teacher; its encoder's linear layers are block-pruned (blocks ranked by the recipe's
+criterion: Fisher by default) along a cubic schedule (Zhu & Gupta)
 that reaches ``--sparsity`` part-way through training, the rest of the steps recovering
 accuracy, with the loss of :func:`fastonnx.compress.distillation_loss` (labels + the teacher's
 soft targets + hidden states). Outputs, under ``<cache>/<mode>/student-<percent>/``:
@@ -85,6 +86,7 @@ def prune_and_distill(args, paths: teacher_recipe.TeacherPaths, out: Path) -> di
         block_shape=args.block_shape,
         target=args.target,
         scope=settings.scope,
+        criterion=settings.criterion,
     )
     print(f"[student] {pruner.describe()}, schedule {schedule}")
     torch.manual_seed(args.seed)
@@ -96,6 +98,7 @@ def prune_and_distill(args, paths: teacher_recipe.TeacherPaths, out: Path) -> di
         settings.batch_size,
         settings.max_len,
         seed=args.seed + 1,
+        group_by_length=settings.group_by_length,
     )
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.student_lr, weight_decay=0.01)
     config = DistillConfig(

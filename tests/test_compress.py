@@ -216,6 +216,56 @@ def test_masks_survive_optimizer_steps():
 # Schedule
 
 
+def test_fisher_criterion_ranks_by_weight_times_gradient():
+    """A large block whose gradients are zero goes before a small one the loss depends on; the
+    reference is the per-block sum of w^2 * mean(g^2) in NumPy."""
+    linear = torch.nn.Linear(8, 2, bias=False)
+    holder = torch.nn.Sequential(linear)
+    rng = np.random.default_rng(0)
+    w = rng.uniform(0.5, 1.0, size=(2, 8)).astype(np.float32)
+    w[:, :4] *= 4.0  # the first 1x4 block of each row is the largest by magnitude
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(w))
+    pruner = BlockPruner(holder, 0.5, block_shape=(1, 4), criterion="fisher")
+    optimizer = torch.optim.SGD(linear.parameters(), lr=0.0)
+    pruner.attach(optimizer)
+    grads = []
+    for _ in range(3):
+        x = torch.from_numpy(rng.normal(size=(5, 8)).astype(np.float32))
+        x[:, :4] = 0.0  # the loss never sees the first block: its gradients are zero
+        optimizer.zero_grad()
+        linear(x).pow(2).sum().backward()
+        grads.append(linear.weight.grad.numpy().copy())
+        optimizer.step()
+    pruner.prune(0.5)
+    pruner.detach()
+    fisher = (w**2 * np.mean(np.square(grads), axis=0)).reshape(2, 2, 4).sum(-1)
+    keep = pruner.masks()["0"].numpy()
+    assert keep.tolist() == (fisher == fisher.max(axis=1, keepdims=True)).tolist()
+    assert keep.tolist() == [[False, True], [False, True]]  # magnitude would keep the first
+    magnitude = prune_once(copy_linear(w), 0.5, block_shape=(1, 4))
+    assert magnitude.masks()["0"].tolist() == [[True, False], [True, False]]
+
+
+def copy_linear(w):
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(w))
+    return torch.nn.Sequential(linear)
+
+
+def test_fisher_criterion_without_gradients_is_magnitude():
+    w = np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32)
+    fisher = prune_once(copy_linear(w), 0.5, block_shape=(1, 4), criterion="fisher")
+    magnitude = prune_once(copy_linear(w), 0.5, block_shape=(1, 4))
+    assert torch.equal(fisher.masks()["0"], magnitude.masks()["0"])
+
+
+def test_unknown_criterion():
+    with pytest.raises(ValueError, match="unknown criterion 'movement'; choose from"):
+        BlockPruner(tiny_classifier(), 0.5, criterion="movement")
+
+
 def test_cubic_schedule_values():
     schedule = CubicSchedule(final_sparsity=0.9, begin_step=10, end_step=110, frequency=10)
     assert schedule(0) == 0.0
@@ -432,6 +482,32 @@ def test_pruner_state_round_trips():
         assert torch.equal(restored.weights()[name] == 0, ~expand(mask)), name
     with pytest.raises(ValueError, match="block shape"):
         BlockPruner(other, 0.6, block_shape=(4, 4)).load_state_dict(state)
+
+
+def test_pruner_state_carries_fisher_gradients():
+    def gathered(model):
+        pruner = BlockPruner(model, 0.5, block_shape=(1, 4), criterion="fisher")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        pruner.attach(optimizer)
+        for batch in tiny_batches(2):
+            optimizer.zero_grad()
+            model(**batch).loss.backward()
+        pruner.detach()
+        return pruner
+
+    pruner = gathered(tiny_classifier())
+    state = pruner.state_dict()
+    assert set(state["grad_count"].values()) == {2}
+    restored = BlockPruner(tiny_classifier(), 0.5, block_shape=(1, 4), criterion="fisher")
+    restored.load_state_dict(state)
+    plain = BlockPruner(tiny_classifier(), 0.5, block_shape=(1, 4), criterion="fisher")
+    for p in (pruner, restored, plain):
+        p.prune(0.5)
+    masks = pruner.masks()
+    assert all(torch.equal(restored.masks()[n], m) for n, m in masks.items())
+    # Without the gradients the ranking falls back to magnitude, which differs.
+    assert not all(torch.equal(plain.masks()[n], m) for n, m in masks.items())
+    assert "grad_sq" not in pruner.state_dict()  # used up by the prune
 
 
 def expand(mask):

@@ -180,12 +180,16 @@ def student_weights(out):
     return load_file(out / "student" / "model.safetensors")
 
 
-def test_resume_gives_the_uninterrupted_result(inputs, tmp_path):
+# "fisher" stops after step 1, between two mask updates: the resumed run must rank the next
+# update's blocks by the gradients the checkpoint carries.
+@pytest.mark.parametrize(("criterion", "stop"), [("magnitude", "3"), ("fisher", "1")])
+def test_resume_gives_the_uninterrupted_result(inputs, tmp_path, criterion, stop):
     base = ["--sparsity", "0.75", "--block-shape", "1x4", "--checkpoint-every", "2"]
+    base += ["--criterion", criterion]
     whole = tmp_path / "whole"
     assert cli.main(command(inputs["head"], inputs["csv"], whole, *base)) == 0
     parts = tmp_path / "parts"
-    assert cli.main(command(inputs["head"], inputs["csv"], parts, *base, "--stop-after", "3")) == 0
+    assert cli.main(command(inputs["head"], inputs["csv"], parts, *base, "--stop-after", stop)) == 0
     assert (parts / "checkpoint" / "state.pt").exists() and not (parts / "report.json").exists()
     # Without --resume an interrupted run is not silently restarted.
     assert cli.main(command(inputs["head"], inputs["csv"], parts, *base)) == 2
@@ -337,3 +341,34 @@ def test_real_minilm_through_compress(tmp_path, mode):
     assert len(report["layers"]) == 36 and report["lowered_layers"] == 36
     for name, layer in report["layers"].items():
         assert layer["zero_blocks"] == round(0.8 * layer["blocks"]), name
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_length_grouped_batches_keep_every_row_and_cut_padding(inputs, pairs):
+    from fastonnx.compress.data import LabeledData
+    from fastonnx.compress.pipeline import batches_of
+
+    tok = transformers.AutoTokenizer.from_pretrained(inputs["head"])
+    rng = random.Random(1)
+    rows = [" ".join(rng.choices(FILLER, k=rng.randint(1, 12))) for _ in range(64)]
+    texts = [(t, t[::-1]) if pairs else (t,) for t in rows]
+    data = LabeledData(texts, [i % 2 for i in range(64)], 2, "test")
+    grouped = batches_of(tok, data, 8, 32, seed=0, group_by_length=True)
+    plain = batches_of(tok, data, 8, 32, seed=0)
+
+    def rows_of(batches):
+        got = []
+        for b in batches:
+            for ids, mask, label in zip(
+                b["input_ids"], b["attention_mask"], b["labels"], strict=True
+            ):
+                got.append((tuple(ids[mask.bool()].tolist()), int(label)))
+        return sorted(got)
+
+    assert rows_of(grouped) == rows_of(plain)
+    assert sum(b["input_ids"].numel() for b in grouped) < sum(b["input_ids"].numel() for b in plain)
+    # Batches are runs of the rows sorted by length: their length ranges do not overlap.
+    spans = sorted(
+        (int(m.sum(1).min()), int(m.sum(1).max())) for m in (b["attention_mask"] for b in grouped)
+    )
+    assert all(hi <= lo_next for (_, hi), (lo_next, _) in zip(spans, spans[1:], strict=False))

@@ -74,6 +74,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     prune.add_argument("--block-shape", metavar="RxC", help="e.g. 1x4, 16x4 (default: --target's)")
     prune.add_argument("--scope", choices=["layer", "global"], default="layer")
     prune.add_argument(
+        "--criterion",
+        choices=["fisher", "magnitude"],
+        default="fisher",
+        help="how blocks are ranked: fisher (default: w^2 * E[g^2] from the training "
+        "gradients, the estimated loss increase), or magnitude",
+    )
+    prune.add_argument(
         "--prune-end",
         type=float,
         default=0.4,
@@ -92,6 +99,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     train.add_argument("--alpha-kd", type=float, default=0.5)
     train.add_argument("--alpha-hidden", type=float, default=0.1)
     train.add_argument("--alpha-cosine", type=float, default=1.0, help="embedding mode")
+    train.add_argument(
+        "--no-group-by-length",
+        dest="group_by_length",
+        action="store_false",
+        help="random student batches (default: batches of one token length, about half the "
+        "padding and a cheaper step)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     run = parser.add_argument_group("checkpoints and outputs")
@@ -136,6 +150,7 @@ def run_command(args: argparse.Namespace) -> int:
         alpha_kd=args.alpha_kd,
         alpha_hidden=args.alpha_hidden,
         scope=args.scope,
+        criterion=args.criterion,
         dev_fraction=args.dev_fraction,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
@@ -147,6 +162,7 @@ def run_command(args: argparse.Namespace) -> int:
         threads=args.threads,
         mode=args.mode,
         alpha_cosine=args.alpha_cosine,
+        group_by_length=args.group_by_length,
     )
     try:
         result = compress(config)
