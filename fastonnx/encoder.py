@@ -7,9 +7,10 @@ In the habits of sentence-transformers and Optimum::
     vectors = enc.encode(["a sentence", "another"], batch_size=32)   # [n, D], pooled
     labels = enc.predict(["great film", "dull plot"])                # classifiers: [n] ids
 
-Texts are tokenized once, sorted by length and batched, so each batch is padded only to its own
-longest text; results come back in the input order. Texts longer than ``max_length`` tokens
-(default: the tokenizer's model maximum, at most 512) are truncated. Pooling for token-state
+Texts are sorted by length and batched, so each batch is padded only to its own longest text
+(and tokenized while the batch before runs); results come back in the input order. Texts
+longer than ``max_length`` tokens (default: the tokenizer's model maximum, at most 512, and no
+more than the model's position embeddings) are truncated. Pooling for token-state
 outputs follows the sentence-transformers configuration in the tokenizer folder
 (``1_Pooling/config.json``: mean or CLS; ``modules.json``: a Normalize step), else mean pooling
 without normalization. One ORT session serves every thread (ORT sessions are thread-safe);
@@ -23,6 +24,7 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -137,26 +139,40 @@ class Encoder:
                 raise EncoderError(f"texts[{i}] is a {type(t).__name__}, not a string")
         return texts
 
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        with self._lock:
+            return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+
+    def _feeds(self, ids: list[list[int]]) -> dict[str, np.ndarray]:
+        pad = self.tokenizer.pad_token_id or 0
+        width = max(len(row) for row in ids)
+        input_ids = np.full((len(ids), width), pad, dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for r, row in enumerate(ids):
+            input_ids[r, : len(row)] = row
+            mask[r, : len(row)] = 1
+        feeds = {"input_ids": input_ids, "attention_mask": mask}
+        if "token_type_ids" in self.input_names:
+            feeds["token_type_ids"] = np.zeros_like(input_ids)
+        return {k: v for k, v in feeds.items() if k in self.input_names}
+
     def _batches(self, texts: list[str], batch_size: int):
-        """(positions, feeds) per batch, longest texts first, each padded to its own longest."""
+        """(positions, feeds) per batch, longest texts first, each padded to its own longest.
+
+        Texts are ordered by character length (a close proxy for token length) so each batch
+        can be tokenized on a helper thread while the session runs the one before: the Rust
+        tokenizer and ORT both release the GIL."""
         if batch_size < 1:
             raise EncoderError(f"batch_size must be >= 1, got {batch_size}")
-        with self._lock:
-            ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
-        pad = self.tokenizer.pad_token_id or 0
-        for start in range(0, len(order), batch_size):
-            pos = order[start : start + batch_size]
-            width = len(ids[pos[0]])
-            input_ids = np.full((len(pos), width), pad, dtype=np.int64)
-            mask = np.zeros((len(pos), width), dtype=np.int64)
-            for row, i in enumerate(pos):
-                input_ids[row, : len(ids[i])] = ids[i]
-                mask[row, : len(ids[i])] = 1
-            feeds = {"input_ids": input_ids, "attention_mask": mask}
-            if "token_type_ids" in self.input_names:
-                feeds["token_type_ids"] = np.zeros_like(input_ids)
-            yield pos, {k: v for k, v in feeds.items() if k in self.input_names}
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self._tokenize, [texts[i] for i in chunks[0]]) if chunks else None
+            for k, pos in enumerate(chunks):
+                ids = pending.result()
+                if k + 1 < len(chunks):
+                    pending = pool.submit(self._tokenize, [texts[i] for i in chunks[k + 1]])
+                yield pos, self._feeds(ids)
 
     def _run(self, texts, batch_size: int, show_progress_bar: bool, fn) -> np.ndarray:
         texts = self._check(texts)
