@@ -77,6 +77,11 @@ FASTONNX_AVX512 static inline void quantize_rows(const float* x, int64_t rows, i
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * k;
     uint8_t* qr = out + r * k;
+    auto non_finite_row = [&] {
+      row_scale[r] = __builtin_nanf("");
+      row_zp[r] = 0;
+      std::memset(qr, 0, size_t(k));
+    };
     __mmask16 bad = 0;
     if (per_tensor) {
       row_scale[r] = x_scale;
@@ -99,9 +104,7 @@ FASTONNX_AVX512 static inline void quantize_rows(const float* x, int64_t rows, i
         hi0 = _mm512_max_ps(hi0, v);
       }
       if (bad) {
-        row_scale[r] = __builtin_nanf("");
-        row_zp[r] = 0;
-        std::memset(qr, 0, size_t(k));
+        non_finite_row();
         continue;
       }
       scalar::quant_params_from_range(_mm512_reduce_min_ps(_mm512_min_ps(lo0, lo1)),
@@ -122,11 +125,7 @@ FASTONNX_AVX512 static inline void quantize_rows(const float* x, int64_t rows, i
       if (per_tensor) bad |= _mm512_fpclass_ps_mask(v, kNonFinite);
       _mm_mask_storeu_epi8(qr + full, m, _mm512_cvtepi32_epi8(quantize_ps(v, inv_scale, zp)));
     }
-    if (bad) {
-      row_scale[r] = __builtin_nanf("");
-      row_zp[r] = 0;
-      std::memset(qr, 0, size_t(k));
-    }
+    if (bad) non_finite_row();
   }
 }
 

@@ -58,28 +58,15 @@ void rows_ref(const LayerNormArgs& a, int64_t r0, int64_t r1) {
     float sq = 0.f;
     for (int64_t i = 0; i < d; ++i) sq += (x[i] - mean) * (x[i] - mean);
     const float rstd = 1.f / std::sqrt(sq / float(d) + a.epsilon);
-    bool finite = std::isfinite(rstd);
-    float lo = 0.f, hi = 0.f;
     for (int64_t i = 0; i < d; ++i) {
       y[i] = (x[i] - mean) * rstd * a.gamma[i] + (a.beta ? a.beta[i] : 0.f);
-      finite = finite && std::isfinite(y[i]);
-      lo = std::min(lo, y[i]);
-      hi = std::max(hi, y[i]);
     }
-    uint8_t* q = a.yq + r * d;
-    if (!finite) {
-      std::fill(y, y + d, std::numeric_limits<float>::quiet_NaN());
-      std::fill(q, q + d, uint8_t{0});
-      a.row_scale[r] = std::numeric_limits<float>::quiet_NaN();
-      a.row_zero_point[r] = 0;
-      continue;
-    }
-    float scale = 1.f;
+    // A NaN or infinite y (from X, or a zero variance with epsilon 0, or an overflow) makes the
+    // quantizer's scale NaN; the whole y row then becomes NaN too.
     int32_t zp = 0;
-    scalar::quant_params_from_range(lo, hi, &scale, &zp);
-    for (int64_t i = 0; i < d; ++i) q[i] = scalar::quantize(y[i], 1.f / scale, zp);
-    a.row_scale[r] = scale;
+    scalar::quantize_row(y, d, false, 1.f, 0, &a.row_scale[r], &zp, a.yq + r * d);
     a.row_zero_point[r] = uint8_t(zp);
+    if (std::isnan(a.row_scale[r])) std::fill(y, y + d, std::numeric_limits<float>::quiet_NaN());
   }
 }
 

@@ -68,6 +68,26 @@ uint8_t quantize(float x, float inv_scale, int32_t zero_point) {
   return static_cast<uint8_t>(std::fmin(std::fmax(q, 0.f), 255.f));
 }
 
+void quantize_row(const float* x, int64_t k, bool per_tensor, float x_scale, uint8_t x_zp,
+                  float* scale, int32_t* zero_point, uint8_t* q) {
+  // Quantizing would map NaN to 0 and infinities to the range's end, hiding them; the op's
+  // rule is a NaN output row (0 once requantized), which a NaN scale gives.
+  if (!std::all_of(x, x + k, [](float v) { return std::isfinite(v); })) {
+    *scale = std::numeric_limits<float>::quiet_NaN();
+    *zero_point = 0;
+    std::fill(q, q + k, uint8_t{0});
+    return;
+  }
+  if (per_tensor) {
+    *scale = x_scale;
+    *zero_point = x_zp;
+  } else {
+    row_quant_params(x, k, scale, zero_point);
+  }
+  const float inv_scale = 1.f / *scale;
+  for (int64_t i = 0; i < k; ++i) q[i] = quantize(x[i], inv_scale, *zero_point);
+}
+
 float gelu(float x) { return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f)); }
 
 void epilogue(const LinearKernel::Epilogue& e, int64_t row, int64_t n0, int64_t count,
@@ -163,24 +183,8 @@ void LinearKernel::quantize_rows(const float* x, int64_t rows, bool per_tensor, 
                                  uint8_t x_zp, float* row_scale, int32_t* row_zp,
                                  uint8_t* out) const {
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * k_;
-    uint8_t* qr = out + r * k_;
-    // Quantizing would map NaN to 0 and infinities to the range's end, hiding them; the op's
-    // rule is a NaN output row (0 once requantized), which a NaN scale gives.
-    if (!std::all_of(xr, xr + k_, [](float v) { return std::isfinite(v); })) {
-      row_scale[r] = std::numeric_limits<float>::quiet_NaN();
-      row_zp[r] = 0;
-      std::fill(qr, qr + k_, uint8_t{0});
-      continue;
-    }
-    if (per_tensor) {
-      row_scale[r] = x_scale;
-      row_zp[r] = x_zp;
-    } else {
-      scalar::row_quant_params(xr, k_, &row_scale[r], &row_zp[r]);
-    }
-    const float inv_scale = 1.f / row_scale[r];
-    for (int64_t i = 0; i < k_; ++i) qr[i] = scalar::quantize(xr[i], inv_scale, row_zp[r]);
+    scalar::quantize_row(x + r * k_, k_, per_tensor, x_scale, x_zp, &row_scale[r], &row_zp[r],
+                         out + r * k_);
   }
 }
 

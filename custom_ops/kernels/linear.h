@@ -143,6 +143,10 @@ void quant_params_from_range(float lo, float hi, float* scale, int32_t* zero_poi
 // round(x * inv_scale) + zero_point clamped to [0, 255]; multiplying by the reciprocal (not
 // dividing) keeps the vector paths fast, and every path does exactly this.
 uint8_t quantize(float x, float inv_scale, int32_t zero_point);
+// One row of X to uint8, per tensor (x_scale, x_zp) or dynamically, with the non-finite rule:
+// a row holding a NaN or an infinity gets scale NaN, zero point 0 and zero bytes.
+void quantize_row(const float* x, int64_t k, bool per_tensor, float x_scale, uint8_t x_zp,
+                  float* scale, int32_t* zero_point, uint8_t* q);
 float gelu(float x);
 // Epilogue for acc[0..count) = row `row`, columns n0..n0+count.
 void epilogue(const LinearKernel::Epilogue& e, int64_t row, int64_t n0, int64_t count,

@@ -352,6 +352,10 @@ PYBIND11_MODULE(_native, m) {
     const auto isa = isa_arg(name);
     return isa ? isa_unavailable_reason(*isa) : std::string();
   });
+  m.def("layer_norm_path", [](const std::optional<std::string>& isa) {
+    const Isa level = isa_arg(isa).value_or(forced_isa_from_env().value_or(best_isa()));
+    return std::string(layer_norm_uses_avx512(level) ? "avx512" : "scalar");
+  }, py::arg("isa") = py::none(), "The LayerNorm path an ISA level (default: this process's) runs.");
   m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("gamma"), py::arg("beta") = py::none(),
         py::arg("epsilon") = 1e-5f, py::arg("isa") = py::none(), py::arg("threads") = 1,
         "LayerNorm over the last axis plus its per-row uint8 quantization, as the LayerNorm op "

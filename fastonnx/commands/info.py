@@ -67,14 +67,7 @@ def collect() -> dict:
             "com.fastonnx::SparseLinear": kernels,
             "com.fastonnx::SparseLinearU8": kernels,
             "com.fastonnx::Attention": attention,
-            # LayerNorm's AVX-512 path runs from the avx512_vnni level up (layer_norm.h).
-            "com.fastonnx::LayerNorm": {}
-            if forced_error
-            else {
-                "any": "avx512"
-                if (forced or _native.best_isa()) in ("avx512_vnni", "amx")
-                else "scalar"
-            },
+            "com.fastonnx::LayerNorm": {} if forced_error else {"any": _native.layer_norm_path()},
             "com.fastonnx::PackTokens": {"any": "portable"},
             "com.fastonnx::UnpackTokens": {"any": "portable"},
         },

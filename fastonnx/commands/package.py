@@ -41,7 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--max-length",
         type=int,
         metavar="N",
-        help="truncate texts to N tokens (default: the tokenizer's maximum, <= 512)",
+        help="truncate texts to N tokens (default: the tokenizer's maximum, <= 512, capped by the "
+        "model's max_position_embeddings in the tokenizer folder's config.json)",
     )
     p.set_defaults(func=run)
     return p

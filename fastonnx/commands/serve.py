@@ -35,7 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--max-length",
         type=int,
         metavar="N",
-        help="truncate texts to N tokens (default: the tokenizer's maximum, <= 512)",
+        help="truncate texts to N tokens (default: the tokenizer's maximum, <= 512, capped by the "
+        "model's max_position_embeddings in the tokenizer folder's config.json)",
     )
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
