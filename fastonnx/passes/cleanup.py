@@ -49,6 +49,16 @@ _FOLD_INPUT_LIMIT = 8192
 _FOLD_OUTPUT_LIMIT = 1 << 20
 
 
+def replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Every use of ``old``, graph outputs included, reads ``new`` instead. A graph output keeps
+    its name (the model's interface), so ``new`` takes it."""
+    name, is_output = old.name, old.is_graph_output()
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if is_output:
+        old.name = f"{name}/replaced"
+        new.name = name
+
+
 def count_nodes(model: ir.Model) -> int:
     """Number of nodes in the main graph (subgraphs and functions not included)."""
     return len(model.graph)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from fastonnx.passes.cleanup import replace_value
 from fastonnx.runtime import OP_DOMAIN
 
 _SPARSE_LINEAR = ("SparseLinear", "SparseLinearU8")
@@ -112,12 +113,7 @@ def _lower(graph: ir.Graph, node: ir.Node, consumers: list[ir.Node], name: str) 
             linear.resize_inputs(len(linear.inputs) + missing)
         linear.replace_input_with(_X_ROW_SCALE, scale)
         linear.replace_input_with(_X_ROW_ZERO_POINT, zero_point)
-    old = node.outputs[0]
-    original_name, is_output = old.name, old.is_graph_output()
-    old.replace_all_uses_with(y, replace_graph_outputs=True)
-    if is_output:  # keep the model's interface: the new value takes the output's name
-        old.name = f"{original_name}/replaced"
-        y.name = original_name
+    replace_value(node.outputs[0], y)
     graph.remove(node, safe=True)
 
 

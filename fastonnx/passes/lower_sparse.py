@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from fastonnx.passes.cleanup import replace_value
 from fastonnx.runtime import OP_DOMAIN
 
 
@@ -272,12 +273,8 @@ def _lower(graph: ir.Graph, m: _Match, name: str) -> LoweredLayer:
     out.dtype = ir.DataType.FLOAT
     out.shape = m.output.shape
     graph.insert_after(m.folded[-1] if m.folded else m.matmul, op)
-    original_name = m.output.name
-    is_output = m.output.is_graph_output()
-    m.output.replace_all_uses_with(out, replace_graph_outputs=True)
-    if is_output:  # keep the model's interface: the new value takes the output's name
-        m.output.name = f"{original_name}/replaced"
-    out.name = original_name if is_output else f"{name}/out"
+    out.name = f"{name}/out"
+    replace_value(m.output, out)
     graph.remove([*reversed(m.folded), m.matmul], safe=True)
     return LoweredLayer(
         node=name,
