@@ -24,6 +24,8 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from fastonnx.runtime import OP_DOMAIN
+
 # A serialized ModelProto cannot exceed 2 GiB; keep headroom for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 _TINY_TENSOR_BYTES = 1024  # tensors at most this size stay inline when external data is used
@@ -273,7 +275,6 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
 # com.fastonnx: the opset versions that exist and each op's attributes. ORT's C API lets a kernel
 # read attributes only by name, so unknown ones (a typo such as "activaton") and a later opset
 # can only be caught here (docs/operators.md).
-FASTONNX_DOMAIN = "com.fastonnx"
 FASTONNX_OPSETS = (1,)
 FASTONNX_OP_ATTRIBUTES = {
     "SparseLinear": {"activation"},
@@ -299,15 +300,15 @@ def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
 def check_fastonnx_nodes(proto: onnx.ModelProto, *, what: str = "model") -> None:
     """Refuse a com.fastonnx opset that does not exist and unknown attributes on its ops."""
     for entry in proto.opset_import:
-        if entry.domain == FASTONNX_DOMAIN and entry.version not in FASTONNX_OPSETS:
+        if entry.domain == OP_DOMAIN and entry.version not in FASTONNX_OPSETS:
             raise ModelLoadError(
-                f"{what} imports {FASTONNX_DOMAIN} opset {entry.version}; this fastonnx has "
+                f"{what} imports {OP_DOMAIN} opset {entry.version}; this fastonnx has "
                 f"opset {', '.join(map(str, FASTONNX_OPSETS))} only"
             )
     for graph in _graphs(proto.graph):
         for node in graph.node:
             known = FASTONNX_OP_ATTRIBUTES.get(node.op_type)
-            if node.domain != FASTONNX_DOMAIN or known is None:
+            if node.domain != OP_DOMAIN or known is None:
                 continue
             # (A name that is not UTF-8 comes back as bytes: shown as its repr.)
             names = {a.name if isinstance(a.name, str) else repr(a.name) for a in node.attribute}

@@ -41,7 +41,8 @@ from fastonnx.model_io import (
     save_model,
     weights_nbytes,
 )
-from fastonnx.passes.quantize_qdq import QuantizeConfig, QuantizedLayer, SkippedLayer
+from fastonnx.passes.base import Pass, Report, Skip
+from fastonnx.passes.quantize_qdq import QuantizeConfig, QuantizedLayer
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "fuse": ("fuse",),  # fuse_encoder runs the clean-up itself
@@ -78,12 +79,12 @@ class OptimizeError(InputError):
 
 @dataclass
 class PassRecord:
-    """One pass's outcome: its counts, its time, and its own detailed report if it has one."""
+    """One pass's outcome: its counts, its time, and its report."""
 
     name: str
     counts: dict[str, int]
     seconds: float
-    details: Any = None
+    details: Report
 
 
 @dataclass
@@ -105,7 +106,7 @@ class OptimizeReport:
         return list(q.quantized) if q is not None else []
 
     @property
-    def quantize_skipped(self) -> list[SkippedLayer]:
+    def quantize_skipped(self) -> list[Skip]:
         q = self.details("quantize")
         return list(q.skipped) if q is not None else []
 
@@ -113,7 +114,7 @@ class OptimizeReport:
     def lowered(self) -> list[Any]:
         """Layers the sparse lowering replaced (its report's ``lowered`` entries)."""
         sparse = self.details("lower_sparse")
-        return list(getattr(sparse, "lowered", None) or [])
+        return list(sparse.lowered) if sparse is not None else []
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly copy."""
@@ -219,84 +220,59 @@ def require_passes(preset: str) -> None:
             ) from exc
 
 
-def _pass_fuse(model: ir.Model, ctx: _Context) -> PassRecord:
-    from fastonnx.passes.fusion import fuse_encoder
+def _fuse(ctx: _Context) -> Pass:
+    from fastonnx.passes.fusion import FusePass
 
     # With sparse lowering, residual Adds fold into SparseLinear and LayerNormalization stays
     # alone: ORT 1.31's SkipLayerNormalization takes ~210 us at 128x384 on this CPU, against
     # ~23 us for LayerNormalization (measured side by side), so not fusing it is faster.
-    sparse = "lower_sparse" in PRESETS[ctx.preset]
-    return PassRecord("fuse", dict(fuse_encoder(model, skip_layer_norm=not sparse)), 0.0)
+    return FusePass(skip_layer_norm="lower_sparse" not in PRESETS[ctx.preset])
 
 
-def _pass_quantize(model: ir.Model, ctx: _Context) -> PassRecord:
-    from fastonnx.passes.quantize_qdq import quantize_qdq
+def _quantize(ctx: _Context) -> Pass:
+    from fastonnx.passes.quantize_qdq import QuantizePass
 
-    report = quantize_qdq(model, ctx.samples, ctx.quantize_config)
-    return PassRecord("quantize", report.counts, 0.0, report)
-
-
-def _pass_lower_sparse(model: ir.Model, ctx: _Context) -> PassRecord:
-    from fastonnx.passes.lower_sparse import lower_sparse
-
-    report = lower_sparse(
-        model, min_sparsity=ctx.min_sparsity, dynamic_activations=ctx.dynamic_activations
-    )
-    return PassRecord("lower_sparse", _counts_of(report), 0.0, report)
+    return QuantizePass(ctx.samples, ctx.quantize_config)
 
 
-def _pass_lower_attention(model: ir.Model, ctx: _Context) -> PassRecord:
-    from fastonnx.passes.lower_attention import lower_attention
+def _lower_sparse(ctx: _Context) -> Pass:
+    from fastonnx.passes.lower_sparse import LowerSparsePass
 
-    report = lower_attention(model)
-    return PassRecord("lower_attention", report.counts(), 0.0, report)
-
-
-def _pass_lower_layer_norm(model: ir.Model, ctx: _Context) -> PassRecord:
-    from fastonnx.passes.lower_layer_norm import lower_layer_norm
-
-    report = lower_layer_norm(model)
-    return PassRecord("lower_layer_norm", report.counts(), 0.0, report)
+    return LowerSparsePass(ctx.min_sparsity, ctx.dynamic_activations)
 
 
-def _pass_pack_tokens(model: ir.Model, ctx: _Context) -> PassRecord:
-    from fastonnx.passes.pack_tokens import PackingReport, pack_tokens
+def _lower_attention(ctx: _Context) -> Pass:
+    from fastonnx.passes.lower_attention import LowerAttentionPass
 
-    if ctx.packing:
-        report = pack_tokens(model)
-    else:
-        report = PackingReport(reason="turned off (--no-packing)")
-    return PassRecord("pack_tokens", report.counts(), 0.0, report)
+    return LowerAttentionPass()
 
 
-def _changed(record: PassRecord) -> bool:
-    # "skipped" counts say what a pass did not do.
-    return any(v for k, v in record.counts.items() if "skipped" not in k)
+def _lower_layer_norm(ctx: _Context) -> Pass:
+    from fastonnx.passes.lower_layer_norm import LowerLayerNormPass
+
+    return LowerLayerNormPass()
 
 
-def _counts_of(report: Any) -> dict[str, int]:
-    """Integer counts from a pass report: its ``counts`` if it has them, else its int fields."""
-    counts = getattr(report, "counts", None)
-    if callable(counts):
-        counts = counts()
-    if isinstance(counts, Mapping):
-        return {str(k): int(v) for k, v in counts.items()}
-    if dataclasses.is_dataclass(report):
-        fields = dataclasses.asdict(report)
-        out = {k: int(v) for k, v in fields.items() if isinstance(v, int | bool)}
-        out.update({k: len(v) for k, v in fields.items() if isinstance(v, list)})
-        return out
-    return {}
+def _pack_tokens(ctx: _Context) -> Pass:
+    from fastonnx.passes.pack_tokens import PackTokensPass
+
+    return PackTokensPass(enabled=ctx.packing)
 
 
-_PASSES: dict[str, Callable[[ir.Model, _Context], PassRecord]] = {
-    "fuse": _pass_fuse,
-    "quantize": _pass_quantize,
-    "lower_sparse": _pass_lower_sparse,
-    "lower_attention": _pass_lower_attention,
-    "lower_layer_norm": _pass_lower_layer_norm,
-    "pack_tokens": _pass_pack_tokens,
+# Each step of a preset, configured from the run's options.
+_PASS_FACTORIES: dict[str, Callable[[_Context], Pass]] = {
+    "fuse": _fuse,
+    "quantize": _quantize,
+    "lower_sparse": _lower_sparse,
+    "lower_attention": _lower_attention,
+    "lower_layer_norm": _lower_layer_norm,
+    "pack_tokens": _pack_tokens,
 }
+
+
+def build_passes(ctx: _Context) -> list[Pass]:
+    """The run's preset as a list of configured passes."""
+    return [_PASS_FACTORIES[step](ctx) for step in PRESETS[ctx.preset]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,21 +362,19 @@ def optimize(
         packing,
     )
 
-    for step in steps:
+    for pass_ in build_passes(ctx):
         start = time.perf_counter()
-        record = _PASSES[step](model, ctx)
-        record.seconds = time.perf_counter() - start
-        report.passes.append(record)
-        if step == "quantize":
-            report.notes.extend(record.details.notes)
-        if step == "pack_tokens":
-            report.notes.append(record.details.format())
+        result = pass_(model)
+        details = result.report
+        report.passes.append(
+            PassRecord(pass_.name, details.counts, time.perf_counter() - start, details)
+        )
+        report.notes.extend(details.notes)
+        if pass_.name == "pack_tokens":
+            report.notes.append(details.format())
 
     report.weights_bytes_after = weights_nbytes(model)
-    report.changed = any(_changed(record) for record in report.passes)
-    fuse_counts = next((p.counts for p in report.passes if p.name == "fuse"), None)
-    if fuse_counts is not None and not any(
-        v for k, v in fuse_counts.items() if not k.startswith("cleanup.")
-    ):
+    report.changed = any(record.details.changed for record in report.passes)
+    if not report.passes[0].details.fused:
         report.notes.append("no fusion matched; attention and LayerNorm stay unfused")
     return OptimizeResult(model, report, sources)

@@ -23,16 +23,18 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 def _sparse_line(entry: Any) -> str:
-    """One lowered layer; tolerant of the lowering report's exact field names."""
-    name = getattr(entry, "name", None) or getattr(entry, "node", None) or str(entry)
-    parts = [str(name)]
-    sparsity = getattr(entry, "sparsity", None)
-    if sparsity is not None:
-        parts.append(f"sparsity {sparsity:.2f}")
-    block = getattr(entry, "block_shape", None) or getattr(entry, "block", None)
-    if block is not None:
-        parts.append("block " + "x".join(str(b) for b in block))
-    return ", ".join(parts)
+    """One lowered layer (a :class:`~fastonnx.passes.lower_sparse.LoweredLayer`)."""
+    block = "x".join(str(b) for b in entry.block_shape)
+    return f"{entry.node}, sparsity {entry.sparsity:.2f}, block {block}"
+
+
+# How each pass's skipped nodes are introduced in the report.
+_SKIP_PREFIX = {
+    "quantize": "left float: ",
+    "lower_sparse": "kept on ORT int8: ",
+    "lower_attention": "kept on ORT MHA: ",
+    "lower_layer_norm": "kept on ORT: ",
+}
 
 
 def format_report(report: OptimizeReport, *, verbose: bool = False) -> str:
@@ -46,18 +48,15 @@ def format_report(report: OptimizeReport, *, verbose: bool = False) -> str:
         lines.append(f"  {record.name:<{width}}  {_counts(main)}  ({record.seconds:.2f} s)")
         if cleanup:
             lines.append(f"      clean-up: {_counts(cleanup)}")
-        if record.name == "quantize" and record.details is not None:
-            lines.extend(_quantize_lines(record.details, report, verbose))
-        if record.name == "lower_sparse" and record.details is not None:
-            if verbose:
-                lines.extend(f"      {_sparse_line(e)}" for e in report.lowered)
-            lines.extend(_skip_lines(getattr(record.details, "skipped", None) or [], verbose))
-        if record.name == "lower_attention" and record.details is not None:
-            details = record.details
-            lines.extend(_skip_lines(details.kept, verbose, prefix="kept on ORT MHA: "))
+        details = record.details
+        if record.name == "quantize":
+            lines.extend(_quantize_lines(details, verbose))
+        if record.name == "lower_sparse" and verbose:
+            lines.extend(f"      {_sparse_line(e)}" for e in details.lowered)
+        prefix = _SKIP_PREFIX.get(record.name, "")
+        lines.extend(_skip_lines(details.skipped, verbose, prefix=prefix))
+        if record.name == "lower_attention":
             lines.extend(_skip_lines(details.unmerged_qkv, verbose, prefix="Q/K/V not merged: "))
-        if record.name == "lower_layer_norm" and record.details is not None:
-            lines.extend(_skip_lines(record.details.kept, verbose, prefix="kept on ORT: "))
     if report.calibration:
         lines.append(f"  calibration  {report.calibration}")
     lines.append(
@@ -70,7 +69,7 @@ def format_report(report: OptimizeReport, *, verbose: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _quantize_lines(q: Any, report: OptimizeReport, verbose: bool) -> list[str]:
+def _quantize_lines(q: Any, verbose: bool) -> list[str]:
     lines = []
     if q.quantized:
         with_out = sum(1 for layer in q.quantized if layer.output_quantized)
@@ -84,7 +83,6 @@ def _quantize_lines(q: Any, report: OptimizeReport, verbose: bool) -> list[str]:
                 f"      {layer.node}: {layer.op_type} {list(layer.weight_shape)}, "
                 f"x scale {layer.scale:.4g} zero point {layer.zero_point}"
             )
-    lines.extend(_skip_lines(q.skipped, verbose, prefix="left float: "))
     return lines
 
 

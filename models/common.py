@@ -140,8 +140,24 @@ MODES = {
         criterion="fisher",
         group_by_length=True,
     ),
-    # The long recipe: 3 teacher epochs, 10 student epochs with a slow ramp.
-    "full": Settings("full", 32, 64, 300, 5e-5, 1000, 1e-4, 0.7, 25),
+    # The long recipe: 3 teacher epochs; the default's student recipe with 1,000 steps and
+    # four times the teacher-labeled text (25,600 review sentences).
+    "full": Settings(
+        "full",
+        32,
+        64,
+        300,
+        5e-5,
+        1000,
+        2e-4,
+        0.4,
+        10,
+        alpha_hidden=1.0,
+        extra_sentences=25600,
+        chain_from=0.8,
+        criterion="fisher",
+        group_by_length=True,
+    ),
 }
 
 
@@ -247,11 +263,15 @@ def atomic_dir(final: Path, force: bool = False) -> Iterator[Path]:
     os.replace(tmp, final)
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_json(path: Path) -> Any:

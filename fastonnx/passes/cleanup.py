@@ -4,9 +4,9 @@ Exporters write the same attention block in many spellings. Before the fusion ru
 graph, this pass brings those spellings to one form:
 
 1. inline model-local functions (the dynamo exporter can wrap ops in functions);
-2. infer symbolic shapes with ONNX Runtime's symbolic shape inference, which names the batch
-   and sequence dimensions consistently through the whole graph (ONNX's own inference invents a
-   fresh ``unk__N`` name at every broadcast, so equal dimensions stop looking equal);
+2. infer symbolic shapes (:mod:`fastonnx.passes.shapes`), which names the batch and sequence
+   dimensions consistently through the whole graph (ONNX's own inference invents a fresh
+   ``unk__N`` name at every broadcast, so equal dimensions stop looking equal);
 3. fold constants (the onnxscript optimizer's folder);
 4. simplify shape computations: a ``Reshape`` whose target is computed at run time from
    ``Shape`` ops becomes a ``Reshape`` to a constant such as ``[0, 0, 4, 16]``, a no-op
@@ -25,16 +25,16 @@ Dimension letters used in this module: B batch, S sequence, N heads, H head size
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript.optimizer import fold_constants
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules import common as common_rules
+
+from fastonnx.passes.shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -370,99 +370,6 @@ SHAPE_RULES = pattern.RewriteRuleSet(
 
 
 # --------------------------------------------------------------------------------------------
-# Symbolic shape inference
-# --------------------------------------------------------------------------------------------
-
-
-# Initializers larger than this are handed to shape inference as typed graph inputs instead.
-_SHAPE_INFERENCE_MAX_INITIALIZER = 1024
-
-
-def _shapes_only_proto(model: ir.Model) -> onnx.ModelProto:
-    """The model as a proto for shape inference: weights by type and shape, not by value.
-
-    Shape inference needs the values of small constants (Reshape targets, axes) only. Weights
-    become graph inputs, which also keeps ORT's tool away from external-data files, whose
-    relative paths it would resolve against the working directory.
-    """
-    proto = ir.serde.serialize_model(model)
-    kept = []
-    for tensor in proto.graph.initializer:
-        size = math.prod(tensor.dims)
-        if (
-            tensor.data_location == onnx.TensorProto.EXTERNAL
-            or size > _SHAPE_INFERENCE_MAX_INITIALIZER
-        ):
-            proto.graph.input.append(
-                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
-            )
-        else:
-            kept.append(tensor)
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept)
-    return proto
-
-
-def infer_symbolic_shapes(model: ir.Model) -> int:
-    """Re-infer the shapes of intermediate values; return how many values got a shape.
-
-    Uses ONNX Runtime's symbolic shape inference with ``auto_merge``: when two different symbolic
-    dims meet in a broadcast it assumes they are equal (they must be, unless one of them is 1 at
-    run time), which is what keeps "sequence" one name from the embeddings to the output. That
-    assumption holds for encoders, whose broadcasts of B or S against 1 use a static 1.
-    Stale intermediate shapes are dropped first, since exporters write their own (sometimes
-    unrelated) names. Graph inputs and outputs keep theirs. Values it cannot infer get back
-    the shape they had.
-    """
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-    boundary = {id(v) for v in (*model.graph.inputs, *model.graph.outputs)}
-    boundary.update(id(v) for v in model.graph.initializers.values())
-    values = [out for node in model.graph for out in node.outputs if id(out) not in boundary]
-    saved = {id(v): v.shape for v in values}
-    for value in values:
-        value.shape = None
-    proto = _shapes_only_proto(model)
-
-    inference = SymbolicShapeInference(
-        int_max=2**31 - 1, auto_merge=True, guess_output_rank=False, verbose=0
-    )
-    # The same steps as SymbolicShapeInference.infer_shapes, minus its habit of writing
-    # "sym_shape_infer_temp.onnx" into the working directory when some shape stays unknown.
-    try:
-        inference._preprocess(proto)
-        complete = False
-        while inference.run_:
-            complete = inference._infer_impl()
-        inference._update_output_from_vi()
-    except Exception as error:  # ORT's tool raises plain Exceptions on unsupported graphs
-        logger.warning("symbolic shape inference failed (%s); keeping the exporter's shapes", error)
-        for value in values:
-            value.shape = saved[id(value)]
-        return 0
-    if not complete:
-        logger.debug("symbolic shape inference left some shapes unknown")
-
-    inferred = {}
-    for info in inference.out_mp_.graph.value_info:
-        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
-            dims = [
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                for d in info.type.tensor_type.shape.dim
-            ]
-            inferred[info.name] = dims
-    updated = 0
-    for value in values:
-        dims = inferred.get(value.name)
-        if dims is None:
-            value.shape = saved[id(value)]
-            continue
-        value.shape = ir.Shape(dims)
-        updated += 1
-    return updated
-
-
-# --------------------------------------------------------------------------------------------
 # The pass
 # --------------------------------------------------------------------------------------------
 
@@ -527,7 +434,7 @@ def cleanup(model: ir.Model, *, max_rounds: int = 4) -> dict[str, int]:
         counts["functions_inlined"] = sum(inlined.id_count.values())
 
     common_passes.IdentityEliminationPass()(model)
-    infer_symbolic_shapes(model)
+    infer_shapes(model)
     for _ in range(max_rounds):
         before = count_nodes(model)
         folded = _fold_constants(model)

@@ -16,10 +16,12 @@ near misses with the reason each failed (:func:`fastonnx.passes.fuse_attention.e
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from fastonnx.passes.base import Pass, Report
 from fastonnx.passes.cleanup import cleanup
 from fastonnx.passes.fuse_attention import fuse_attention
 from fastonnx.passes.fuse_bias_gelu import fuse_bias_gelu
@@ -79,3 +81,32 @@ def fuse_encoder(
     counts.update({f"cleanup.{name}": value for name, value in cleaned.items()})
     logger.info("fuse_encoder: %s", counts)
     return counts
+
+
+@dataclass(kw_only=True)
+class FusionReport(Report):
+    """What :func:`fuse_encoder` returned: fusion counts and ``cleanup.<name>`` counts."""
+
+    found: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(self.found)
+
+    @property
+    def fused(self) -> bool:
+        """Whether any fusion (not only the clean-up) fired."""
+        return any(v for k, v in self.found.items() if not k.startswith("cleanup."))
+
+
+class FusePass(Pass):
+    """:func:`fuse_encoder` as a configured pass."""
+
+    name = "fuse"
+
+    def __init__(self, skip_layer_norm: bool = True):
+        super().__init__()
+        self.skip_layer_norm = skip_layer_norm
+
+    def run(self, model: ir.Model) -> FusionReport:
+        return FusionReport(found=fuse_encoder(model, skip_layer_norm=self.skip_layer_norm))

@@ -29,6 +29,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript.rewriter import pattern
 
+from fastonnx.passes.base import Pass, Report, Skip
 from fastonnx.passes.cleanup import const_scalar, same_dim
 from fastonnx.runtime import OP_DOMAIN
 
@@ -46,25 +47,18 @@ class LoweredAttention:
     mask: str  # where the op's mask comes from: "none", "as is", or what was looked through
 
 
-@dataclass(frozen=True)
-class KeptAttention:
-    node: str
-    reason: str
+@dataclass(kw_only=True)
+class AttentionLoweringReport(Report):
+    """Attention nodes lowered; ``skipped``: MultiHeadAttention nodes left on ORT, with the
+    reason; ``unmerged_qkv``: lowered blocks whose Q/K/V projections stay three layers."""
 
-
-@dataclass
-class AttentionLoweringReport:
     lowered: list[LoweredAttention] = field(default_factory=list)
-    kept: list[KeptAttention] = field(default_factory=list)  # MHA nodes left, with the reason
     merged_qkv: list[str] = field(default_factory=list)  # Attention nodes reading packed QKV
-    unmerged_qkv: list[KeptAttention] = field(default_factory=list)
+    unmerged_qkv: list[Skip] = field(default_factory=list)
 
+    @property
     def counts(self) -> dict[str, int]:
-        return {
-            "Attention": len(self.lowered),
-            "attention kept on ORT": len(self.kept),
-            "QKV projections merged": len(self.merged_qkv),
-        }
+        return {"Attention": len(self.lowered), "QKV projections merged": len(self.merged_qkv)}
 
 
 @dataclass(frozen=True)
@@ -301,7 +295,7 @@ def _apply_merge(graph: ir.Graph, m: _Merge) -> None:
     graph.remove(list(m.layers), safe=True)
 
 
-def merge_qkv(model: ir.Model) -> tuple[list[str], list[KeptAttention]]:
+def merge_qkv(model: ir.Model) -> tuple[list[str], list[Skip]]:
     """Merges the Q/K/V SparseLinear projections of every Attention node where possible, in
     place. Returns (merged node names, the others with the reason)."""
     merged, kept = [], []
@@ -310,7 +304,7 @@ def merge_qkv(model: ir.Model) -> tuple[list[str], list[KeptAttention]]:
         name = node.name or "Attention"
         if isinstance(plan, str):
             if plan != "already packed":
-                kept.append(KeptAttention(name, plan))
+                kept.append(Skip(name, plan))
             continue
         _apply_merge(model.graph, plan)
         merged.append(name)
@@ -330,9 +324,9 @@ def lower_attention(model: ir.Model, *, merge_projections: bool = True) -> Atten
     left = {id(node) for node in model.graph}
     for node, name, plan in plans:
         if isinstance(plan, str):
-            report.kept.append(KeptAttention(name, plan))
+            report.skipped.append(Skip(name, plan))
         elif id(node) in left:  # planned, yet the rule did not match this node's form
-            report.kept.append(KeptAttention(name, "the rewrite rule did not match this node"))
+            report.skipped.append(Skip(name, "the rewrite rule did not match this node"))
         else:
             report.lowered.append(LoweredAttention(name, plan.num_heads, plan.mask_note))
     if report.lowered:
@@ -344,11 +338,24 @@ def lower_attention(model: ir.Model, *, merge_projections: bool = True) -> Atten
     return report
 
 
+class LowerAttentionPass(Pass):
+    """:func:`lower_attention` as a configured pass."""
+
+    name = "lower_attention"
+
+    def __init__(self, merge_projections: bool = True):
+        super().__init__()
+        self.merge_projections = merge_projections
+
+    def run(self, model: ir.Model) -> AttentionLoweringReport:
+        return lower_attention(model, merge_projections=self.merge_projections)
+
+
 __all__ = [
     "AttentionLoweringReport",
-    "KeptAttention",
-    "LoweredAttention",
     "lower_attention",
+    "LowerAttentionPass",
+    "LoweredAttention",
     "merge_qkv",
     "plan_attention",
     "plan_qkv_merge",

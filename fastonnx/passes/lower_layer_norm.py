@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from fastonnx.passes.base import Pass, Report, Skip
 from fastonnx.passes.cleanup import replace_value
 from fastonnx.runtime import OP_DOMAIN
 
@@ -27,24 +28,16 @@ _X_SCALE = 3  # SparseLinear's static x_scale input slot
 _X_ROW_SCALE, _X_ROW_ZERO_POINT = 8, 9  # its per-row quantization inputs
 
 
-@dataclass(frozen=True)
-class KeptLayerNorm:
-    node: str
-    reason: str
+@dataclass(kw_only=True)
+class LayerNormLoweringReport(Report):
+    """LayerNorms lowered; ``skipped``: LayerNormalization nodes kept on ORT, with the reason."""
 
-
-@dataclass
-class LayerNormLoweringReport:
     lowered: list[str] = field(default_factory=list)
     linear_layers: int = 0  # SparseLinear layers now reading the LayerNorm's uint8 output
-    kept: list[KeptLayerNorm] = field(default_factory=list)
 
+    @property
     def counts(self) -> dict[str, int]:
-        return {
-            "LayerNorm": len(self.lowered),
-            "linear layers reading uint8": self.linear_layers,
-            "LayerNormalization kept on ORT": len(self.kept),
-        }
+        return {"LayerNorm": len(self.lowered), "linear layers reading uint8": self.linear_layers}
 
 
 def _quantizing_consumers(value: ir.Value) -> list[ir.Node]:
@@ -127,7 +120,7 @@ def lower_layer_norm(model: ir.Model) -> LayerNormLoweringReport:
         name = node.name or f"LayerNormalization_{i}"
         plan = plan_layer_norm(node)
         if isinstance(plan, str):
-            report.kept.append(KeptLayerNorm(name, plan))
+            report.skipped.append(Skip(name, plan))
             continue
         _lower(graph, node, plan, f"{name}/fastonnx")
         report.lowered.append(name)
@@ -137,4 +130,13 @@ def lower_layer_norm(model: ir.Model) -> LayerNormLoweringReport:
     return report
 
 
-__all__ = ["KeptLayerNorm", "LayerNormLoweringReport", "lower_layer_norm", "plan_layer_norm"]
+class LowerLayerNormPass(Pass):
+    """:func:`lower_layer_norm` as a pass."""
+
+    name = "lower_layer_norm"
+
+    def run(self, model: ir.Model) -> LayerNormLoweringReport:
+        return lower_layer_norm(model)
+
+
+__all__ = ["LayerNormLoweringReport", "lower_layer_norm", "LowerLayerNormPass", "plan_layer_norm"]

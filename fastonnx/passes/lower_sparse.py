@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from fastonnx.passes.base import Pass, Report, Skip
 from fastonnx.passes.cleanup import replace_value
 from fastonnx.runtime import OP_DOMAIN
 
@@ -46,20 +47,16 @@ class LoweredLayer:
     packed_bytes: int
 
 
-@dataclass(frozen=True)
-class SkippedLayer:
-    node: str
-    reason: str
+@dataclass(kw_only=True)
+class SparseLoweringReport(Report):
+    """Layers lowered to SparseLinear; ``skipped``: linear layers kept, with the reason."""
 
-
-@dataclass
-class SparseLoweringReport:
     min_sparsity: float
     lowered: list[LoweredLayer] = field(default_factory=list)
-    skipped: list[SkippedLayer] = field(default_factory=list)
 
+    @property
     def counts(self) -> dict[str, int]:
-        return {"SparseLinear": len(self.lowered), "linear layers kept": len(self.skipped)}
+        return {"SparseLinear": len(self.lowered)}
 
 
 @dataclass(frozen=True)
@@ -349,14 +346,12 @@ def lower_sparse(
         ):
             match = dataclasses.replace(match, x_scale=None, x_zero_point=None)
         if isinstance(match, str):
-            report.skipped.append(SkippedLayer(name, match))
+            report.skipped.append(Skip(name, match))
             continue
         sparsity = group_sparsity(match.weight)
         if sparsity < min_sparsity:
             report.skipped.append(
-                SkippedLayer(
-                    name, f"sparsity {sparsity:.0%} < {min_sparsity:.0%}: kept on ORT int8"
-                )
+                Skip(name, f"sparsity {sparsity:.0%} < {min_sparsity:.0%}: kept on ORT int8")
             )
             continue
         report.lowered.append(_lower(graph, match, name))
@@ -364,3 +359,18 @@ def lower_sparse(
         model.opset_imports[OP_DOMAIN] = 1
         _remove_dead_nodes(graph)
     return report
+
+
+class LowerSparsePass(Pass):
+    """:func:`lower_sparse` as a configured pass."""
+
+    name = "lower_sparse"
+
+    def __init__(self, min_sparsity: float | None = None, dynamic_activations: bool = True):
+        super().__init__()
+        self.min_sparsity, self.dynamic_activations = min_sparsity, dynamic_activations
+
+    def run(self, model: ir.Model) -> SparseLoweringReport:
+        return lower_sparse(
+            model, min_sparsity=self.min_sparsity, dynamic_activations=self.dynamic_activations
+        )

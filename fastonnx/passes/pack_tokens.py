@@ -35,6 +35,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnx import helper
 
+from fastonnx.passes.base import Pass, Report
 from fastonnx.passes.cleanup import same_dim
 from fastonnx.runtime import OP_DOMAIN
 
@@ -61,8 +62,10 @@ _FLOAT_UNARY = {
 _BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
 
 
-@dataclass
-class PackingReport:
+@dataclass(kw_only=True)
+class PackingReport(Report):
+    """Whether packed execution applied, and why not (``reason``)."""
+
     applied: bool = False
     reason: str = ""  # why not, or what was done
     attention_nodes: int = 0
@@ -70,6 +73,7 @@ class PackingReport:
     mask_input: str | None = None
     outputs: list[str] = field(default_factory=list)  # what reads UnpackTokens' [B, S, D]
 
+    @property
     def counts(self) -> dict[str, int]:
         return {
             "packed": int(self.applied),
@@ -557,4 +561,19 @@ def pack_tokens(model: ir.Model) -> PackingReport:
     )
 
 
-__all__ = ["PackingReport", "check_padding_mask", "pack_tokens", "plan_packing"]
+class PackTokensPass(Pass):
+    """:func:`pack_tokens` as a configured pass (``enabled=False``: reports it was off)."""
+
+    name = "pack_tokens"
+
+    def __init__(self, enabled: bool = True):
+        super().__init__()
+        self.enabled = enabled
+
+    def run(self, model: ir.Model) -> PackingReport:
+        if not self.enabled:
+            return PackingReport(reason="turned off (--no-packing)")
+        return pack_tokens(model)
+
+
+__all__ = ["check_padding_mask", "pack_tokens", "PackingReport", "PackTokensPass", "plan_packing"]

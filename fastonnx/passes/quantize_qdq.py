@@ -36,6 +36,8 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from fastonnx.passes.base import Pass, Report, Skip
+
 Method = Literal["minmax", "percentile"]
 
 # Ops whose presence means the model is already quantized; quantizing again would stack Q/DQ.
@@ -92,28 +94,20 @@ class QuantizedLayer:
     output_quantized: bool  # an output Q/DQ pair was added (Gemm-like layers, see module doc)
 
 
-@dataclass(frozen=True)
-class SkippedLayer:
-    node: str
-    op_type: str
-    reason: str
+@dataclass(kw_only=True)
+class QuantizeReport(Report):
+    """Layers quantized; ``skipped``: linear layers left float, with the reason."""
 
-
-@dataclass
-class QuantizeReport:
     quantized: list[QuantizedLayer] = field(default_factory=list)
-    skipped: list[SkippedLayer] = field(default_factory=list)
     method: str = "minmax"
     num_samples: int = 0
     quantize_nodes: int = 0
     dequantize_nodes: int = 0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
         return {
             "linear layers quantized": len(self.quantized),
-            "linear layers skipped": len(self.skipped),
             "QuantizeLinear": self.quantize_nodes,
             "DequantizeLinear": self.dequantize_nodes,
         }
@@ -192,7 +186,7 @@ def _classify(node: ir.Node, exclude: frozenset[str]) -> LinearLayer | str:
 
 def find_linear_layers(
     model: ir.Model, exclude: Iterable[str] = ()
-) -> tuple[list[LinearLayer], list[SkippedLayer]]:
+) -> tuple[list[LinearLayer], list[Skip]]:
     """The model's quantizable linear layers in graph order, and the MatMul/Gemm nodes skipped."""
     layers, skipped = [], []
     exclude = frozenset(exclude)
@@ -201,7 +195,7 @@ def find_linear_layers(
             continue
         found = _classify(node, exclude)
         if isinstance(found, str):
-            skipped.append(SkippedLayer(node.name or "", node.op_type, found))
+            skipped.append(Skip(node.name or "", found, node.op_type))
         else:
             layers.append(found)
     return layers, skipped
@@ -467,7 +461,7 @@ def insert_qdq(
         node = layer.node
         problem = _layer_problem(layer, stats)
         if problem is not None:
-            report.skipped.append(SkippedLayer(node.name or "", node.op_type, problem))
+            report.skipped.append(Skip(node.name or "", problem, node.op_type))
             continue
         x, w = layer.activation, layer.weight
         rank = stats[x.name].rank
@@ -589,3 +583,18 @@ def _may_need_output_qdq(layer: LinearLayer) -> bool:
     shape = layer.activation.shape
     rank = shape.rank() if shape is not None else None
     return layer.node.op_type == "Gemm" or (layer.bias_add is not None and rank in (None, 2))
+
+
+class QuantizePass(Pass):
+    """:func:`quantize_qdq` as a configured pass (calibration samples given when made)."""
+
+    name = "quantize"
+
+    def __init__(
+        self, samples: Sequence[Mapping[str, np.ndarray]], config: QuantizeConfig | None = None
+    ):
+        super().__init__()
+        self.samples, self.config = samples, config
+
+    def run(self, model: ir.Model) -> QuantizeReport:
+        return quantize_qdq(model, self.samples, self.config)
