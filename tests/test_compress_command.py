@@ -144,6 +144,11 @@ def test_labeled_end_to_end_from_a_bare_encoder(inputs, tmp_path):
     # Every pruned layer; on AVX-512 / AMX CPUs the dense head too (--min-sparsity auto).
     assert report["lowered_layers"] >= ENCODER_LINEARS
     assert "| student (fastonnx sparse int8) |" in (out / "report.md").read_text()
+    speed = report["speed"]
+    dense, student = speed["dense_ort_fp32_ms"]["median"], speed["student_fastonnx_ms"]["median"]
+    assert dense > 0 and student > 0 and speed["speedup"] == pytest.approx(dense / student)
+    assert speed["runs"] == 20 and speed["threads"] == 1 and speed["cpu"]
+    assert "dense model in ORT fp32" in (out / "report.md").read_text()
 
 
 def test_embedding_mode_on_unlabeled_sentences(inputs, tmp_path):

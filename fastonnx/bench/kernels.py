@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -23,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from fastonnx.bench.timing import Timing, time_interleaved
+from fastonnx.bench.timing import Timing, cpu_model, time_interleaved
 from fastonnx.runtime import OP_DOMAIN, session_options
 
 # (name, K, N): the linear layers of one encoder block.
@@ -361,12 +360,7 @@ def environment(threads: int) -> dict:
 
     from fastonnx import __version__, _native
 
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     features = _native.cpu_features()
     return {
         "cpu": cpu,

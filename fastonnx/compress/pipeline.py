@@ -676,6 +676,7 @@ def _finish(
         ),
     }
     report = _common_report(plan, pruner, exported, optimized)
+    report["speed"] = _speed(plan, out, log)
     report["num_labels"] = plan.train.num_labels
     report["teacher"] = str(config.model) if plan.has_head else str(out / "teacher")
     report["dev_accuracy"] = accuracy
@@ -710,6 +711,25 @@ def _export_and_optimize(
     optimized.save(tmp / "student.fast.onnx")
     _replace_dir(tmp, out / "onnx")
     return exported, optimized
+
+
+def _speed(plan: Plan, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """The student through fastonnx against the dense model (see fastonnx.compress.speed); a
+    failed measurement is reported, never fatal: the trained student is already saved."""
+    from fastonnx.compress.speed import speed_vs_dense
+
+    log("[compress] timing the student against the dense model")
+    texts = [t[0] for t in plan.dev.texts] or [t[0] for t in plan.train.texts]
+    try:
+        return speed_vs_dense(
+            out / "onnx" / "student.onnx",
+            out / "onnx" / "student.fast.onnx",
+            plan.tokenizer,
+            texts,
+            plan.config.max_len,
+        )
+    except Exception as exc:  # noqa: BLE001 - reported in the speed line
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def _common_report(plan: Plan, pruner: Any, exported: Any, optimized: Any) -> dict[str, Any]:
@@ -776,6 +796,7 @@ def _finish_embedding(
         ),
     }
     report = _common_report(plan, pruner, exported, optimized)
+    report["speed"] = _speed(plan, out, log)
     report["pooling"] = plan.pooling
     report["cosine_to_teacher"] = {
         name: {
@@ -819,6 +840,10 @@ def format_report(report: dict[str, Any]) -> str:
         zero, total = layer["zero_blocks"], layer["blocks"]
         lines.append(f"| {name} | {zero}/{total} | {zero / total:.1%} |")
     lines.append(f"| overall | | {report['overall_sparsity']:.1%} |")
+    if "speed" in report:
+        from fastonnx.compress.speed import format_speed
+
+        lines += ["", format_speed(report["speed"])]
     return "\n".join(lines) + "\n"
 
 
