@@ -171,3 +171,28 @@ def test_sparser_student_continues_from_a_less_sparse_one(tiny_chain):
 def test_bad_setting_override(tmp_path):
     with pytest.raises(ValueError, match="KEY one of"):
         student.main(["--tiny", "--cache", str(tmp_path), "--sparsity", "0.5", "--set", "lr=1"])
+
+
+# --------------------------------------------------------------------------------------------
+# The embedding recipe's scoring (its real run downloads the corpora: not a unit test)
+
+
+def test_spearman_against_a_reference():
+    import embedding
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=40)
+    b = rng.integers(0, 4, size=40)  # revision levels: many ties
+    # Reference: Pearson correlation of average ranks, ties ranked by brute force.
+    rank = lambda v: np.array([(v < x).sum() + ((v == x).sum() + 1) / 2 for x in v])  # noqa: E731
+    expected = np.corrcoef(rank(a), rank(b))[0, 1]
+    assert embedding.spearman(a, b) == pytest.approx(expected)
+    assert embedding.spearman(a, -a) == pytest.approx(-1.0)
+    assert embedding.spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)
+
+
+def test_untag_strips_part_of_speech_tags():
+    import embedding
+
+    line = "Has/VBZ the/DT Net/NN n't/RB changed/VBN ,/, really/RB ?/."
+    assert embedding._untag(line) == "Has the Netn't changed, really?"
