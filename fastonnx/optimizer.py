@@ -190,6 +190,7 @@ class _Context:
     min_sparsity: float | None
     dynamic_activations: bool = True
     packing: bool = True
+    length_config: Sequence[float] | None = None  # token dropping (sparse-int8, packed)
 
 
 # The module each step needs. They are imported before the first pass runs, so a build without
@@ -271,8 +272,13 @@ _PASS_FACTORIES: dict[str, Callable[[_Context], Pass]] = {
 
 
 def build_passes(ctx: _Context) -> list[Pass]:
-    """The run's preset as a list of configured passes."""
-    return [_PASS_FACTORIES[step](ctx) for step in PRESETS[ctx.preset]]
+    """The run's preset as a list of configured passes (token dropping last, when asked)."""
+    passes = [_PASS_FACTORIES[step](ctx) for step in PRESETS[ctx.preset]]
+    if ctx.length_config is not None:
+        from fastonnx.passes.drop_tokens import DropTokensPass
+
+        passes.append(DropTokensPass(ctx.length_config))
+    return passes
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,6 +314,7 @@ def optimize(
     min_sparsity: float | None = None,
     dynamic_activations: bool = True,
     packing: bool = True,
+    length_config: Sequence[float] | None = None,
 ) -> OptimizeResult:
     """Optimize a transformer encoder for ONNX Runtime on CPUs.
 
@@ -320,8 +327,10 @@ def optimize(
     accurate on real models with activation outliers; ``False`` keeps the QDQ model's exact
     quantization). ``packing`` (sparse-int8, default on): run the encoder on the valid tokens
     only where the model allows it (outputs then exactly 0 at padded positions; the report says
-    whether it applied and why not). Returns the model and a report; save with
-    ``result.save(path)``.
+    whether it applied and why not). ``length_config`` (sparse-int8, packed models): the share
+    of its tokens each layer but the last hands to the next, the rest dropped by the attention
+    they received (:mod:`fastonnx.passes.drop_tokens`; None, the default: full length). Returns
+    the model and a report; save with ``result.save(path)``.
     """
     if preset not in PRESETS:
         raise OptimizeError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
@@ -329,6 +338,8 @@ def optimize(
         raise OptimizeError(f"min_sparsity must be between 0 and 1, got {min_sparsity}")
     if num_samples is not None and num_samples < 1:
         raise OptimizeError(f"num_samples must be >= 1, got {num_samples}")
+    if length_config is not None and "pack_tokens" not in PRESETS[preset]:
+        raise OptimizeError(f"length_config needs the sparse-int8 preset, not '{preset}'")
     model = as_model(model_or_path)
     sources = []
     if isinstance(model_or_path, str | os.PathLike):
@@ -360,6 +371,7 @@ def optimize(
         min_sparsity,
         dynamic_activations,
         packing,
+        length_config,
     )
 
     for pass_ in build_passes(ctx):
@@ -370,7 +382,7 @@ def optimize(
             PassRecord(pass_.name, details.counts, time.perf_counter() - start, details)
         )
         report.notes.extend(details.notes)
-        if pass_.name == "pack_tokens":
+        if pass_.name in ("pack_tokens", "drop_tokens"):
             report.notes.append(details.format())
 
     report.weights_bytes_after = weights_nbytes(model)

@@ -177,15 +177,31 @@ void run_attention(const AttentionArgs& args, AttentionPath path, const Runner& 
   }
   if (args.batch == 0 || (args.offsets ? args.tokens : args.seq) == 0) return;
   if (!args.y) throw std::invalid_argument("Attention: missing output");
+  // Key scores: one row per head (tasks write disjoint segments), summed over heads after.
+  const int64_t rows = args.offsets ? args.tokens : args.batch * args.seq;
+  std::vector<float> per_head;
+  if (args.key_scores) per_head.assign(size_t(args.heads * rows), 0.f);
   using HeadFn = void (*)(const AttentionArgs&, const attention_detail::Task&);
   const HeadFn head = path == AttentionPath::kRef          ? attention_detail::head_ref
                       : path == AttentionPath::kAvx512Bf16 ? attention_detail::head_avx512_bf16
                                                            : attention_detail::head_amx_bf16;
   auto body = [&](size_t i) {
-    const attention_detail::Task t = attention_detail::task_of(args, int64_t(i));
+    attention_detail::Task t = attention_detail::task_of(args, int64_t(i));
+    if (args.key_scores) {
+      const int64_t b = int64_t(i) / args.heads, n = int64_t(i) % args.heads;
+      const int64_t first = args.offsets ? args.offsets[b] : b * args.seq;
+      t.key_scores = per_head.data() + n * rows + first;
+    }
     if (t.seq > 0) head(args, t);  // a packed sequence may be empty
   };
   run_tasks(runner, size_t(args.batch * args.heads), body);
+  if (args.key_scores) {
+    std::fill(args.key_scores, args.key_scores + rows, 0.f);
+    for (int64_t n = 0; n < args.heads; ++n) {
+      const float* src = per_head.data() + n * rows;
+      for (int64_t r = 0; r < rows; ++r) args.key_scores[r] += src[r];
+    }
+  }
 }
 
 }  // namespace fastonnx

@@ -69,6 +69,10 @@ struct AttentionArgs {
   int64_t mask_dims[4] = {0, 0, 0, 0};
   float scale = 1.f;
   float* y = nullptr;  // [B, S, D] or [T, D], contiguous
+  // Optional output [B, S] or [T]: for each key token, the attention it receives, summed over
+  // heads and over the queries of its sequence (each query's probabilities sum to 1). Skipped
+  // keys receive 0, and a query whose keys are all skipped gives none. Token dropping reads it.
+  float* key_scores = nullptr;
 };
 
 // Throws std::invalid_argument naming what is wrong (sizes beyond the limits, bad mask dims,
@@ -88,6 +92,7 @@ struct Task {
   const float* mask;  // this (b, n)'s mask plane or null
   int64_t mask_row_stride;  // 0 when the mask is broadcast over queries
   float* y;  // first token of this head's output (stride D)
+  float* key_scores;  // null, or this head's [seq] received attention, accumulated (+=)
 };
 Task task_of(const AttentionArgs& args, int64_t task);
 void head_ref(const AttentionArgs& args, const Task& t);

@@ -84,6 +84,7 @@ FASTONNX_AMX_BF16 void head_amx_bf16(const AttentionArgs& a, const Task& t) {
     load_queries(a, t, s0, rows, kRows, w);
     scores(w);
     softmax_rows(a, t, s0, rows, kRows, w, inv, skip);
+    if (t.key_scores) add_key_scores(w, kRows, inv, skip);
     for (int64_t h0 = 0; h0 < h; h0 += 64) {
       switch ((std::min<int64_t>(64, h - h0) + 15) / 16) {
         case 1: pv_tiles<1>(w, h0, out); break;
@@ -103,6 +104,7 @@ FASTONNX_AMX_BF16 void head_amx_bf16(const AttentionArgs& a, const Task& t) {
     }
   }
   _tile_release();
+  if (t.key_scores) scatter_key_scores(w, t.key_scores);
 }
 
 }  // namespace fastonnx::attention_detail

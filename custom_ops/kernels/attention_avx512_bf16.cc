@@ -89,6 +89,7 @@ FASTONNX_AVX512_BF16 void head_avx512_bf16(const AttentionArgs& a, const Task& t
     for (; jb + 2 <= nblk; jb += 2) score_blocks<2>(w.qb, w.qw, w.kp, w.kpairs, used_pairs, jb, w.sc, w.tcp);
     if (jb < nblk) score_blocks<1>(w.qb, w.qw, w.kp, w.kpairs, used_pairs, jb, w.sc, w.tcp);
     softmax_rows(a, t, s0, rows, kRows, w, inv, skip);
+    if (t.key_scores) add_key_scores(w, kRows, inv, skip);
     float* y = t.y + s0 * d;
     if (w.h16 <= 32) {
       pv_rows<8>(w.pb, w.tcp, w.vp, w.h16, npairs, h, inv, skip, y, d);
@@ -97,6 +98,7 @@ FASTONNX_AVX512_BF16 void head_avx512_bf16(const AttentionArgs& a, const Task& t
       pv_rows<4>(w.pb + 4 * w.tcp, w.tcp, w.vp, w.h16, npairs, h, inv + 4, skip + 4, y + 4 * d, d);
     }
   }
+  if (t.key_scores) scatter_key_scores(w, t.key_scores);
 }
 
 }  // namespace fastonnx::attention_detail

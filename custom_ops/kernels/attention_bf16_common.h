@@ -140,6 +140,7 @@ struct Work {
   uint16_t* pb = nullptr;  // [rows][tcp] bf16 probabilities (unnormalized)
   float* vmean = nullptr;
   bool have_mean = false;
+  float* ks = nullptr;  // [tcp] received attention of the kept keys (when key scores are asked)
 };
 
 // Steps 1 and 2 for one task. `key_multiple` (16 or 32) pads the kept keys (padding keys are
@@ -159,7 +160,7 @@ FASTONNX_AVX512_BF16 static inline bool prepare(const AttentionArgs& a, const Ta
                   Scratch::bytes_for(16 * w.qw, 4) + Scratch::bytes_for(sp / 2 * w.h16, 4) +
                   Scratch::bytes_for(rows * w.qw, 4) + Scratch::bytes_for(rows * sp, 4) +
                   Scratch::bytes_for(rows * sp, 2) + Scratch::bytes_for(w.h16, 4) +
-                  Scratch::bytes_for(sp, 1));
+                  Scratch::bytes_for(sp, 1) + Scratch::bytes_for(sp, 4));
   w.idx = scratch.take<int32_t>(sp);
   w.mrow = scratch.take<float>(sp);
   float* row_mask = scratch.take<float>(sp);
@@ -171,6 +172,8 @@ FASTONNX_AVX512_BF16 static inline bool prepare(const AttentionArgs& a, const Ta
   w.pb = scratch.take<uint16_t>(rows * sp);
   w.vmean = scratch.take<float>(w.h16);
   int8_t* active = scratch.take<int8_t>(sp);
+  w.ks = scratch.take<float>(sp);
+  if (t.key_scores) std::memset(w.ks, 0, size_t(sp) * 4);
   w.have_mean = false;
 
   // 1. Keys some query attends to.
@@ -356,6 +359,27 @@ FASTONNX_AVX512_BF16 static inline void softmax_rows(const AttentionArgs& a, con
     if (used < tcp) std::memset(prow + used, 0, size_t(tcp - used) * 2);
     inv[r] = 1.f / _mm512_reduce_add_ps(vsum);
   }
+}
+
+// Key scores: adds the block's probabilities (bf16 P times 1/sum, as P V uses them) of each
+// kept key to w.ks; skipped rows add nothing (padding lanes of P are 0).
+FASTONNX_AVX512_BF16 static inline void add_key_scores(Work& w, int64_t block, const float* inv,
+                                                       const bool* skip) {
+  for (int64_t r = 0; r < block; ++r) {
+    if (skip[r]) continue;
+    const __m512 s = _mm512_set1_ps(inv[r]);
+    const uint16_t* prow = w.pb + r * w.tcp;
+    for (int64_t j = 0; j < w.tcp; j += 16) {
+      const __m256i p16 = _mm256_load_si256(reinterpret_cast<const __m256i*>(prow + j));
+      const __m512 p = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(p16), 16));
+      _mm512_store_ps(w.ks + j, _mm512_fmadd_ps(p, s, _mm512_load_ps(w.ks + j)));
+    }
+  }
+}
+
+// The kept keys' scores into the task's row (keys not kept received nothing).
+static inline void scatter_key_scores(const Work& w, float* out) {
+  for (int64_t j = 0; j < w.tc; ++j) out[w.idx[j]] += w.ks[j];
 }
 
 }  // namespace fastonnx::attention_detail::bf16

@@ -32,14 +32,21 @@ void head_ref(const AttentionArgs& a, const Task& t) {
     for (int64_t j = 0; j < s_len; ++j) {
       float p = 1.f;  // every key skipped: uniform over all keys (see attention.h)
       if (any) {
-        if (mask && mask[j] <= kSkipThreshold) continue;
+        if (mask && mask[j] <= kSkipThreshold) {
+          score[size_t(j)] = 0.f;
+          continue;
+        }
         p = std::exp(score[size_t(j)] - max);
       }
+      score[size_t(j)] = p;
       total += p;
       const float* v = t.v + j * stride;
       for (int64_t h = 0; h < h_len; ++h) acc[size_t(h)] += p * v[h];
     }
     for (int64_t h = 0; h < h_len; ++h) y[h] = acc[size_t(h)] / total;
+    if (t.key_scores && any) {
+      for (int64_t j = 0; j < s_len; ++j) t.key_scores[j] += score[size_t(j)] / total;
+    }
   }
 }
 

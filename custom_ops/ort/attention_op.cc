@@ -19,6 +19,9 @@ enum Input : size_t {
   kOffsets = 4,        // int32/int64 [B + 1], optional: packed tokens, q/k/v [T, *] (no bias)
 };
 constexpr size_t kInputCount = 5;
+// Outputs: 0 Y; 1 key_scores, optional: [B, S] or packed [T], the attention each key receives
+// summed over heads and queries (what token dropping ranks tokens by).
+constexpr size_t kOutputCount = 2;
 
 [[noreturn]] void fail(const std::string& what) { throw std::invalid_argument("Attention: " + what); }
 
@@ -159,6 +162,12 @@ class AttentionKernel {
     y_shape.back() = d;
     Ort::UnownedValue y = ctx.GetOutput(0, y_shape);
     args.y = y.GetTensorMutableData<float>();
+    if (ctx.GetOutputCount() > 1) {
+      const std::vector<int64_t> rows_shape =
+          offsets ? std::vector<int64_t>{args.tokens} : std::vector<int64_t>{args.batch, args.seq};
+      Ort::UnownedValue scores = ctx.GetOutput(1, rows_shape);
+      args.key_scores = scores.GetTensorMutableData<float>();
+    }
     run_attention(args, path_, OrtRunner(context));
   }
 
@@ -180,9 +189,11 @@ AttentionOp::AttentionOp() : OrtCustomOp{} {
   GetInputCharacteristic = [](const OrtCustomOp*, size_t index) {
     return index == kQuery ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   };
-  GetOutputTypeCount = [](const OrtCustomOp*) { return size_t{1}; };
+  GetOutputTypeCount = [](const OrtCustomOp*) { return kOutputCount; };
   GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
-  GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  GetOutputCharacteristic = [](const OrtCustomOp*, size_t index) {
+    return index == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  };
 }
 
 }  // namespace fastonnx::ort

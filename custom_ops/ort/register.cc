@@ -3,6 +3,7 @@
 #include "attention_op.h"
 #include "layer_norm_op.h"
 #include "pack_tokens_op.h"
+#include "select_tokens_op.h"
 #include "sparse_linear_op.h"
 
 #include <exception>
@@ -26,6 +27,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) noexce
   static fastonnx::ort::LayerNormOp layer_norm;
   static fastonnx::ort::PackTokensOp pack_tokens;
   static fastonnx::ort::UnpackTokensOp unpack_tokens;
+  static fastonnx::ort::SelectTokensOp select_tokens;
   // The domain must outlive every session that uses it and ORT cannot tell us when that is,
   // so it is deliberately never released (a few bytes per registration).
   OrtCustomOpDomain* domain = nullptr;
@@ -36,5 +38,6 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) noexce
   if (OrtStatus* s = api->CustomOpDomain_Add(domain, &layer_norm)) return s;
   if (OrtStatus* s = api->CustomOpDomain_Add(domain, &pack_tokens)) return s;
   if (OrtStatus* s = api->CustomOpDomain_Add(domain, &unpack_tokens)) return s;
+  if (OrtStatus* s = api->CustomOpDomain_Add(domain, &select_tokens)) return s;
   return api->AddCustomOpDomain(options, domain);
 }

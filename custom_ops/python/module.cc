@@ -215,11 +215,11 @@ std::optional<AttentionPath> attention_path_arg(const std::optional<std::string>
 
 // Y = softmax(Q K^T * scale + mask) V; key/value None means q is packed [B, S, 3D]. With
 // offsets (int64 [B + 1]) the tokens are packed: q/k/v are [T, D] (or q [T, 3D]).
-Array<float> attention(const Array<float>& q, const std::optional<Array<float>>& k,
-                       const std::optional<Array<float>>& v, const std::optional<Array<float>>& mask,
-                       int64_t num_heads, std::optional<float> scale,
-                       const std::optional<std::string>& path_name, int threads,
-                       const std::optional<Array<int64_t>>& offsets) {
+py::object attention(const Array<float>& q, const std::optional<Array<float>>& k,
+                     const std::optional<Array<float>>& v, const std::optional<Array<float>>& mask,
+                     int64_t num_heads, std::optional<float> scale,
+                     const std::optional<std::string>& path_name, int threads,
+                     const std::optional<Array<int64_t>>& offsets, bool key_scores) {
   const py::ssize_t rank = offsets ? 2 : 3;
   if (q.ndim() != rank) {
     throw std::invalid_argument(offsets ? "with offsets, q must be float32 [T, D] or [T, 3D]"
@@ -271,6 +271,8 @@ Array<float> attention(const Array<float>& q, const std::optional<Array<float>>&
   Array<float> y = offsets ? Array<float>({q.shape(0), py::ssize_t(d)})
                            : Array<float>({q.shape(0), q.shape(1), py::ssize_t(d)});
   args.y = y.mutable_data();
+  Array<float> scores = offsets ? Array<float>({q.shape(0)}) : Array<float>({q.shape(0), q.shape(1)});
+  if (key_scores) args.key_scores = scores.mutable_data();
   const AttentionPath path = [&] {
     const auto chosen = attention_path_arg(path_name);
     return chosen ? *chosen : choose_attention_path();
@@ -279,6 +281,7 @@ Array<float> attention(const Array<float>& q, const std::optional<Array<float>>&
     py::gil_scoped_release release;
     run_attention(args, path, ThreadRunner(threads));
   }
+  if (key_scores) return py::make_tuple(y, scores);
   return y;
 }
 
@@ -384,11 +387,13 @@ PYBIND11_MODULE(_native, m) {
   m.def("attention", &attention, py::arg("q"), py::arg("k") = py::none(), py::arg("v") = py::none(),
         py::arg("mask") = py::none(), py::kw_only(), py::arg("num_heads"),
         py::arg("scale") = py::none(), py::arg("path") = py::none(), py::arg("threads") = 1,
-        py::arg("offsets") = py::none(),
+        py::arg("offsets") = py::none(), py::arg("key_scores") = false,
         "softmax(q k^T * scale + mask) v per head (com.fastonnx::Attention's kernel); k=v=None "
         "reads q as packed [B, S, 3D] = [Q | K | V]. offsets (int64 [B + 1]): packed tokens, "
         "q/k/v [T, D] (or q [T, 3D]), sequence b being rows offsets[b] .. offsets[b+1]. path: "
-        "None (FASTONNX_ISA or best), 'ref', 'avx512_bf16' or 'amx_bf16'.");
+        "None (FASTONNX_ISA or best), 'ref', 'avx512_bf16' or 'amx_bf16'. key_scores=True returns "
+        "(y, scores): scores [B, S] or [T], the attention each key receives summed over heads "
+        "and queries.");
   m.def("best_isa", [] { return std::string(isa_name(best_isa())); });
   m.def("forced_isa", [] {
     const auto isa = forced_isa_from_env();

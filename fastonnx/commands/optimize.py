@@ -114,6 +114,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "positions)",
     )
     parser.add_argument(
+        "--length-config",
+        metavar="SHARES",
+        type=_shares,
+        default=None,
+        help="sparse-int8, packed models: length-adaptive inference. Comma-separated shares of "
+        "its tokens each layer but the last hands to the next (e.g. 1,0.8,0.8,0.8,0.8 for 6 "
+        "layers; one value applies to every such layer); the others are dropped by the "
+        "attention they received, the first token always kept, and restored at the output from "
+        "the layer that dropped them. Costs accuracy on a model without length training: "
+        "measure it first (models/length_adaptive.py). Default: full length",
+    )
+    parser.add_argument(
         "--verify",
         action="store_true",
         help="compare outputs with the input model; exit 1 when beyond the preset's tolerance",
@@ -121,6 +133,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("-v", "--verbose", action="store_true", help="list every layer")
     parser.set_defaults(func=run)
     return parser
+
+
+def _shares(text: str) -> list[float]:
+    """--length-config: comma-separated shares in (0, 1]."""
+    try:
+        shares = [float(x) for x in text.split(",")]
+    except ValueError:
+        message = f"expected numbers separated by commas, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+    bad = [s for s in shares if not 0.0 < s <= 1.0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"each share must be in (0, 1], got {bad[0]:g}")
+    return shares
 
 
 def _fail(message: str) -> int:
@@ -195,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
             min_sparsity=args.min_sparsity,
             dynamic_activations=not args.static_activations,
             packing=not args.no_packing,
+            length_config=args.length_config,
         )
         print(f"{src} -> {dst}")
         print(format_report(result.report, verbose=args.verbose))

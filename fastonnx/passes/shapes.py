@@ -107,6 +107,9 @@ def _attention(ctx: osi.ShapeInferenceContext, node: ir.Node) -> None:
         width = query.dims[-1] if has_value else query.dims[-1] // 3  # packed QKV: [Q | K | V]
         shape = ir.Shape([*query.dims[:-1], width])
     ctx.set_shape_and_dtype(node.outputs[0], shape, ir.DataType.FLOAT)
+    if len(node.outputs) > 1:  # key_scores: one per token row ([B, S] or packed [T])
+        rows = ir.Shape(query.dims[:-1]) if query is not None and query.rank() else None
+        ctx.set_shape_and_dtype(node.outputs[1], rows, ir.DataType.FLOAT)
 
 
 @osi.registry.register(OP_DOMAIN, "LayerNorm")
@@ -130,6 +133,12 @@ def _pack_tokens(ctx: osi.ShapeInferenceContext, node: ir.Node) -> None:
         ctx.set_shape_and_dtype(node.outputs[1], ir.Shape([count]))
     ctx.set_dtype(node.outputs[0], ir.DataType.FLOAT)
     ctx.set_dtype(node.outputs[1], ir.DataType.INT64)
+
+
+@osi.registry.register(OP_DOMAIN, "SelectTokens")
+def _select_tokens(ctx: osi.ShapeInferenceContext, node: ir.Node) -> None:
+    ctx.set_shape_and_dtype(node.outputs[0], ir.Shape([ctx.new_symbolic_dim()]), ir.DataType.INT64)
+    ctx.set_shape_and_dtype(node.outputs[1], _shape(node.inputs[1]), ir.DataType.INT64)
 
 
 @osi.registry.register(OP_DOMAIN, "UnpackTokens")
