@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 MODELS = Path(__file__).resolve().parents[1] / "models"
 sys.path.insert(0, str(MODELS))  # the recipes import their shared helpers as `common`
 
+import length_adaptive  # noqa: E402
 import random_distilbert  # noqa: E402
 import student  # noqa: E402
 import teacher  # noqa: E402
@@ -196,3 +197,13 @@ def test_untag_strips_part_of_speech_tags():
 
     line = "Has/VBZ the/DT Net/NN n't/RB changed/VBN ,/, really/RB ?/."
     assert embedding._untag(line) == "Has the Netn't changed, really?"
+
+
+def test_length_adaptive_curve_on_the_tiny_student(tiny_chain):
+    args = ["--tiny", "--cache", str(tiny_chain), "--sparsity", "0.9", "--runs", "2"]
+    assert length_adaptive.main(args) == 0
+    curve = json.loads((tiny_chain / "tiny" / "student-90" / "length_curve.json").read_text())
+    rows = {row["configuration"]: row for row in curve["curve"]}
+    assert rows["full length"]["speedup"] == pytest.approx(1.0)
+    assert rows["0.5 after every layer"]["shares"] == [0.5]  # the tiny BERT: 2 layers
+    assert all(0.0 <= row["accuracy"] <= 1.0 and row["speedup"] > 0 for row in rows.values())
