@@ -10,6 +10,12 @@ fastonnx/passes/drop_tokens.py) is applied to the optimized model and run over t
 batches of 32 on 1 thread: dev accuracy, and the median time of ``--runs`` interleaved passes
 over the whole split after one warm-up pass. Prints the curve and which configurations stay
 within 1 point of full length; writes it to ``<student>/length_curve.json``.
+
+``--search``: a greedy search on the first half of the dev split. From full length, each round
+lowers by 0.1 the one layer's share that saves the most work (tokens summed over layers) while
+the accuracy on that half stays within ``--budget`` points of full length; it stops when no step
+does. The configuration found joins the curve, whose accuracy is also given on the second half
+(not used by the search).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,52 +46,112 @@ def configurations(layers: int) -> dict[str, list[float]]:
     return out
 
 
+def _session(fast: Path, shares: list[float]):
+    import onnx_ir as ir
+
+    import fastonnx
+    from fastonnx.passes.drop_tokens import drop_tokens
+
+    model = ir.load(fast)
+    report = drop_tokens(model, shares)
+    if any(x < 1.0 for x in shares) and not report.changed:
+        raise SystemExit(f"token dropping not applied: {report.reason}")
+    return fastonnx.make_session(ir.serde.serialize_model(model).SerializeToString(), 1)
+
+
+def _batches(dev: Any, names: list[str], rows: slice) -> list[dict[str, np.ndarray]]:
+    n = len(dev["labels"][rows])
+    start = rows.start or 0
+    chunks = range(start, start + n, BATCH)
+    return [{k: dev[k][i : min(i + BATCH, start + n)] for k in names} for i in chunks]
+
+
+def _accuracy(session: Any, dev: Any, rows: slice) -> float:
+    names = [i.name for i in session.get_inputs()]
+    predictions = np.concatenate(
+        [session.run(None, b)[0].argmax(-1) for b in _batches(dev, names, rows)]
+    )
+    return float((predictions == dev["labels"][rows]).mean())
+
+
+def work(shares: list[float]) -> float:
+    """Tokens summed over layers, relative to full length (what the linear layers scale with)."""
+    kept, total = 1.0, 1.0
+    for share in shares:
+        kept *= share
+        total += kept
+    return total / (len(shares) + 1)
+
+
+def search(fast: Path, dev: Any, rows: slice, budget: float) -> list[float]:
+    """The greedy search of the module doc."""
+    layers = _layers(fast)
+    shares = [1.0] * (layers - 1)
+    full = _accuracy(_session(fast, shares), dev, rows)
+    while True:
+        best = None
+        for layer in range(layers - 1):
+            if shares[layer] < 0.45:  # 0.4 is the lowest share tried
+                continue
+            candidate = list(shares)
+            candidate[layer] = round(candidate[layer] - 0.1, 2)
+            acc = _accuracy(_session(fast, candidate), dev, rows)
+            if 100 * (full - acc) <= budget and (best is None or work(candidate) < work(best)):
+                best = candidate
+        if best is None:
+            return shares
+        shares = best
+        print(f"[search] {shares}: work {work(shares):.2f} of full length", flush=True)
+
+
+def _layers(fast: Path) -> int:
+    import onnx
+
+    model = onnx.load(fast, load_external_data=False)
+    return sum(1 for n in model.graph.node if n.op_type == "Attention")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     common.add_common_args(parser)
     parser.add_argument("--sparsity", type=float, default=0.8, help="the student to measure")
+    parser.add_argument("--teacher", action="store_true", help="measure the dense teacher instead")
     parser.add_argument("--runs", type=int, default=5, help="timed passes over the dev split")
+    parser.add_argument("--search", action="store_true", help="search a configuration (above)")
+    parser.add_argument("--budget", type=float, default=1.0, help="search: points of accuracy")
     args = parser.parse_args(argv)
     common.setup_environment()
 
-    import onnx_ir as ir
-
-    import fastonnx
     from fastonnx.bench.model import time_rounds
     from fastonnx.bench.timing import cpu_model
-    from fastonnx.passes.drop_tokens import drop_tokens
 
     run = common.run_dir(args)
-    student = run / f"student-{round(args.sparsity * 100)}"
-    fast = student / "model.fast.onnx"
-    if not (student / "onnx" / "model.onnx").exists():
-        print(f"no student at {student}: run models/student.py first", file=sys.stderr)
+    folder = run / ("teacher" if args.teacher else f"student-{round(args.sparsity * 100)}")
+    fast = folder / "model.fast.onnx"
+    if not (folder / "onnx" / "model.onnx").exists():
+        print(f"no model at {folder}: run models/teacher.py / student.py first", file=sys.stderr)
         return 2
     if not fast.exists():
-        argv = [sys.executable, "-m", "fastonnx", "optimize", str(student / "onnx" / "model.onnx")]
+        argv = [sys.executable, "-m", "fastonnx", "optimize", str(folder / "onnx" / "model.onnx")]
         argv += ["-o", str(fast), "--calibration", str(run / "calibration.npz")]
         subprocess.run(argv, check=True)
     dev = np.load(run / "dev.npz")
     labels = dev["labels"]
-    base = ir.load(fast)
-    layers = sum(1 for n in base.graph if n.op_type == "Attention")
-    names = None
-    sessions, accuracy = {}, {}
-    for label, shares in configurations(layers).items():
-        model = ir.load(fast)
-        report = drop_tokens(model, shares)
-        if shares != [1.0] * (layers - 1) and not report.changed:
-            print(f"{label}: not applied ({report.reason})", file=sys.stderr)
-            return 2
-        proto = ir.serde.serialize_model(model).SerializeToString()
-        session = fastonnx.make_session(proto, 1)
-        names = names or [i.name for i in session.get_inputs()]
-        batches = [{n: dev[n][i : i + BATCH] for n in names} for i in range(0, len(labels), BATCH)]
-        predictions = np.concatenate([session.run(None, b)[0].argmax(-1) for b in batches])
-        accuracy[label] = float((predictions == labels).mean())
-        sessions[label] = (session, batches)
+    half = len(labels) // 2
+    first, second, everything = slice(0, half), slice(half, len(labels)), slice(0, len(labels))
+    configs = configurations(_layers(fast))
+    if args.search:
+        found = search(fast, dev, first, args.budget)
+        configs[f"searched ({args.budget:g} pt)"] = found
+    sessions, accuracy, held_out = {}, {}, {}
+    for label, shares in configs.items():
+        session = _session(fast, shares)
+        names = [i.name for i in session.get_inputs()]
+        sessions[label] = (session, _batches(dev, names, everything))
+        accuracy[label] = _accuracy(session, dev, everything)
+        held_out[label] = _accuracy(session, dev, second)
 
     def pass_over(session, batches):
         return lambda: [session.run(None, b) for b in batches]
@@ -97,25 +164,32 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     full = "full length"
     print(
-        f"\n{student.name} ({run.name} mode), {len(labels)} dev sentences in batches of {BATCH}, "
-        f"1 thread, {cpu_model()}; median of {args.runs} interleaved passes after 1 warm-up"
+        f"\n{folder.name} ({run.name} mode), {len(labels)} dev sentences in batches of {BATCH}, "
+        f"1 thread, {cpu_model()}; median of {args.runs} interleaved passes after 1 warm-up; "
+        f"'2nd half': the {len(labels) - half} dev sentences the search did not see"
     )
-    print(f"{'configuration':<26} {'accuracy':>9} {'vs full':>8} {'pass s':>8} {'speed-up':>9}")
+    print(
+        f"{'configuration':<24} {'accuracy':>9} {'vs full':>8} {'2nd half':>9} {'work':>5} "
+        f"{'pass s':>7} {'speed-up':>9}"
+    )
     curve = []
-    for label in sessions:
+    for label, shares in configs.items():
         t = timings[label]
         speedup = timings[full].median_ms / t.median_ms
         delta = 100 * (accuracy[label] - accuracy[full])
+        held = 100 * (held_out[label] - held_out[full])
         print(
-            f"{label:<26} {accuracy[label]:>8.2%} {delta:>+7.2f} {t.median_ms / 1e3:>8.3f} "
-            f"{speedup:>8.2f}x"
+            f"{label:<24} {accuracy[label]:>8.2%} {delta:>+7.2f} {held:>+8.2f} "
+            f"{work(shares):>5.2f} {t.median_ms / 1e3:>7.3f} {speedup:>8.2f}x"
         )
         curve.append(
             {
                 "configuration": label,
-                "shares": configurations(layers)[label],
+                "shares": shares,
                 "accuracy": accuracy[label],
                 "points_vs_full": delta,
+                "second_half_points_vs_full": held,
+                "work": work(shares),
                 "pass_ms": {"median": t.median_ms, "p90": t.p90_ms, "runs": t.runs},
                 "speedup": speedup,
             }
@@ -129,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         print("no configuration stays within 1 point of full length")
-    common.write_json(student / "length_curve.json", {"cpu": cpu_model(), "curve": curve})
+    common.write_json(folder / "length_curve.json", {"cpu": cpu_model(), "curve": curve})
     return 0
 
 

@@ -200,10 +200,13 @@ def test_untag_strips_part_of_speech_tags():
 
 
 def test_length_adaptive_curve_on_the_tiny_student(tiny_chain):
-    args = ["--tiny", "--cache", str(tiny_chain), "--sparsity", "0.9", "--runs", "2"]
+    args = ["--tiny", "--cache", str(tiny_chain), "--sparsity", "0.9", "--runs", "2", "--search"]
     assert length_adaptive.main(args) == 0
     curve = json.loads((tiny_chain / "tiny" / "student-90" / "length_curve.json").read_text())
     rows = {row["configuration"]: row for row in curve["curve"]}
     assert rows["full length"]["speedup"] == pytest.approx(1.0)
     assert rows["0.5 after every layer"]["shares"] == [0.5]  # the tiny BERT: 2 layers
     assert all(0.0 <= row["accuracy"] <= 1.0 and row["speedup"] > 0 for row in rows.values())
+    searched = rows["searched (1 pt)"]
+    assert searched["second_half_points_vs_full"] is not None and searched["work"] <= 1.0
+    assert length_adaptive.work([0.5]) == pytest.approx(0.75)  # layer 0 all, layer 1 half
