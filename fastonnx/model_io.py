@@ -283,6 +283,7 @@ FASTONNX_OP_ATTRIBUTES = {
     "LayerNorm": {"epsilon", "axis"},
     "PackTokens": set(),
     "UnpackTokens": set(),
+    "SelectTokens": {"keep_ratio"},
 }
 
 

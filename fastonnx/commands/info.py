@@ -70,6 +70,7 @@ def collect() -> dict:
             "com.fastonnx::LayerNorm": {} if forced_error else {"any": _native.layer_norm_path()},
             "com.fastonnx::PackTokens": {"any": "portable"},
             "com.fastonnx::UnpackTokens": {"any": "portable"},
+            "com.fastonnx::SelectTokens": {"any": "portable"},
         },
         "attention_paths": {
             p: _native.attention_path_unavailable_reason(p) or "available"
