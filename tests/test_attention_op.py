@@ -313,9 +313,7 @@ def build_model(
 
 
 def session(model: bytes, threads: int = 1):
-    return ort.InferenceSession(
-        model, fastonnx.session_options(threads), providers=["CPUExecutionProvider"]
-    )
+    return fastonnx.make_session(model, threads)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

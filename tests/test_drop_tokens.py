@@ -60,9 +60,7 @@ def select_model(ratio) -> bytes:
 
 
 def session(model) -> ort.InferenceSession:
-    return ort.InferenceSession(
-        model, fastonnx.session_options(1), providers=["CPUExecutionProvider"]
-    )
+    return fastonnx.make_session(model, 1)
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.75, 0.5, 0.3, 0.01])
@@ -99,9 +97,13 @@ def test_select_tokens_bad_ratio_fails_at_session_creation(ratio):
 @pytest.mark.parametrize(
     ("offsets", "tokens", "match"),
     [
-        ([1, 3], 3, "offsets\\[0\\]=1 is not 0"),
-        ([0, 5, 3], 3, "does not rise within T=3"),
-        ([0, 2], 3, "is not the token count T=3"),
+        ([1, 3], 3, "offsets\\[0\\] is 1, not 0"),
+        (
+            [0, 5, 3],
+            3,
+            "not non-decreasing within \\[0, T=3\\]: offsets\\[0\\]=0, offsets\\[1\\]=5",
+        ),
+        ([0, 2], 3, "offsets\\[B=1\\]=2 is not the token count T=3"),
     ],
 )
 def test_select_tokens_bad_offsets_are_invalid_argument(offsets, tokens, match):

@@ -173,9 +173,7 @@ def test_packed_takes_no_mask():
 
 
 def session(model: bytes, threads: int = 1):
-    return ort.InferenceSession(
-        model, fastonnx.session_options(threads), providers=["CPUExecutionProvider"]
-    )
+    return fastonnx.make_session(model, threads)
 
 
 def make(nodes, inputs, outputs) -> bytes:

@@ -1,5 +1,7 @@
 #include "attention.h"
 
+#include "pack_tokens.h"  // check_token_offsets
+
 #include <stdexcept>
 
 namespace fastonnx {
@@ -87,24 +89,10 @@ namespace {
 // Offsets must rise from 0 to T, each step (a sequence) within the sequence limit. Checked in
 // full before any work: every task then reads only its own rows.
 void validate_offsets(const AttentionArgs& a) {
-  if (a.tokens < 0) bad("negative token count");
-  const int64_t* o = a.offsets;
-  if (o[0] != 0) bad("offsets[0] is " + std::to_string(o[0]) + ", not 0");
-  for (int64_t b = 0; b < a.batch; ++b) {
-    const int64_t len = o[b + 1] - o[b];
-    if (o[b + 1] < o[b] || o[b + 1] > a.tokens) {
-      bad("offsets are not non-decreasing within [0, T=" + std::to_string(a.tokens) +
-          "]: offsets[" + std::to_string(b) + "]=" + std::to_string(o[b]) + ", offsets[" +
-          std::to_string(b + 1) + "]=" + std::to_string(o[b + 1]));
-    }
-    if (len > kMaxAttentionSequence) {
-      bad("sequence " + std::to_string(b) + " has " + std::to_string(len) +
-          " tokens, beyond the limit of " + std::to_string(kMaxAttentionSequence));
-    }
-  }
-  if (o[a.batch] != a.tokens) {
-    bad("offsets[B=" + std::to_string(a.batch) + "]=" + std::to_string(o[a.batch]) +
-        " is not the token count T=" + std::to_string(a.tokens));
+  try {
+    check_token_offsets(a.offsets, a.batch, a.tokens, kMaxAttentionSequence);
+  } catch (const std::invalid_argument& e) {
+    bad(e.what());
   }
 }
 

@@ -6,6 +6,28 @@
 
 namespace fastonnx {
 
+void check_token_offsets(const int64_t* o, int64_t batch, int64_t tokens, int64_t max_sequence) {
+  auto bad = [](const std::string& what) { throw std::invalid_argument(what); };
+  if (tokens < 0) bad("negative token count");
+  if (o[0] != 0) bad("offsets[0] is " + std::to_string(o[0]) + ", not 0");
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t len = o[b + 1] - o[b];
+    if (o[b + 1] < o[b] || o[b + 1] > tokens) {
+      bad("offsets are not non-decreasing within [0, T=" + std::to_string(tokens) +
+          "]: offsets[" + std::to_string(b) + "]=" + std::to_string(o[b]) + ", offsets[" +
+          std::to_string(b + 1) + "]=" + std::to_string(o[b + 1]));
+    }
+    if (len > max_sequence) {
+      bad("sequence " + std::to_string(b) + " has " + std::to_string(len) +
+          " tokens, beyond the limit of " + std::to_string(max_sequence));
+    }
+  }
+  if (o[batch] != tokens) {
+    bad("offsets[B=" + std::to_string(batch) + "]=" + std::to_string(o[batch]) +
+        " is not the token count T=" + std::to_string(tokens));
+  }
+}
+
 void token_offsets(const TokenMask& m, int64_t* offsets) {
   offsets[0] = 0;
   for (int64_t b = 0; b < m.batch; ++b) {

@@ -21,6 +21,11 @@ struct TokenMask {
   int64_t at(int64_t i) const { return i64 ? i64[i] : int64_t(i32[i]); }
 };
 
+// Throws std::invalid_argument naming the first bad entry unless `offsets` (B + 1 values,
+// untrusted) rise from 0 to `tokens`, each sequence at most `max_sequence` tokens.
+void check_token_offsets(const int64_t* offsets, int64_t batch, int64_t tokens,
+                         int64_t max_sequence);
+
 // Fills offsets[0 .. B] from the mask. Throws std::invalid_argument naming the first value
 // that is not 0 or 1 (and its position).
 void token_offsets(const TokenMask& mask, int64_t* offsets);

@@ -1,7 +1,10 @@
 #include "select_tokens.h"
 
+#include "pack_tokens.h"  // check_token_offsets
+
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -24,23 +27,11 @@ int64_t tokens_kept(int64_t n, float keep_ratio) {
 std::vector<int64_t> kept_offsets(const int64_t* offsets, int64_t batch, int64_t tokens,
                                   float keep_ratio) {
   check_keep_ratio(keep_ratio);
-  if (batch < 0 || offsets[0] != 0) {
-    throw std::invalid_argument("offsets[0]=" + std::to_string(offsets[0]) + " is not 0");
-  }
+  if (batch < 0) throw std::invalid_argument("negative batch");
+  check_token_offsets(offsets, batch, tokens, std::numeric_limits<int64_t>::max());
   std::vector<int64_t> out(size_t(batch + 1), 0);
   for (int64_t b = 0; b < batch; ++b) {
-    const int64_t n = offsets[b + 1] - offsets[b];
-    if (n < 0 || offsets[b + 1] > tokens) {
-      throw std::invalid_argument("offsets[" + std::to_string(b + 1) + "]=" +
-                                  std::to_string(offsets[b + 1]) + " does not rise within T=" +
-                                  std::to_string(tokens));
-    }
-    out[size_t(b + 1)] = out[size_t(b)] + tokens_kept(n, keep_ratio);
-  }
-  if (offsets[batch] != tokens) {
-    throw std::invalid_argument("offsets[B=" + std::to_string(batch) + "]=" +
-                                std::to_string(offsets[batch]) + " is not the token count T=" +
-                                std::to_string(tokens));
+    out[size_t(b + 1)] = out[size_t(b)] + tokens_kept(offsets[b + 1] - offsets[b], keep_ratio);
   }
   return out;
 }

@@ -18,8 +18,8 @@ void check_keep_ratio(float keep_ratio);
 // Tokens a sequence of n keeps: 0 for n = 0, else ceil(keep_ratio * n) within [1, n].
 int64_t tokens_kept(int64_t n, float keep_ratio);
 
-// Tokens kept per sequence for `offsets` (B + 1 values, untrusted: they must rise from 0 to
-// `tokens`, else std::invalid_argument naming the entry), cumulative: new_offsets[B + 1].
+// Tokens kept per sequence for `offsets` (B + 1 values, untrusted: check_token_offsets'
+// rules, else std::invalid_argument naming the entry), cumulative: new_offsets[B + 1].
 std::vector<int64_t> kept_offsets(const int64_t* offsets, int64_t batch, int64_t tokens,
                                   float keep_ratio);
 

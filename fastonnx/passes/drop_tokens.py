@@ -82,9 +82,11 @@ def _layer_output(attention: ir.Node) -> ir.Node | str:
     return norm
 
 
-def _plan(model: ir.Model, ratios: Sequence[float]) -> tuple[list[ir.Node], list[ir.Node]] | str:
+def _plan(
+    model: ir.Model, attention: list[ir.Node], ratios: Sequence[float]
+) -> list[ir.Node] | str:
+    """The LayerNorm ending each layer but the last, or why the model does not fit."""
     graph = model.graph
-    attention = [n for n in graph if _is(n, OP_DOMAIN, "Attention")]
     unpack = [n for n in graph if _is(n, OP_DOMAIN, "UnpackTokens")]
     if not attention or not unpack:
         return "the model is not packed (no fastonnx Attention / UnpackTokens)"
@@ -109,7 +111,7 @@ def _plan(model: ir.Model, ratios: Sequence[float]) -> tuple[list[ir.Node], list
         source = u.inputs[0].producer()
         if source is None or order[id(source)] < last:
             return f"{u.name} restores a value computed before the last layer"
-    return attention, norms
+    return norms
 
 
 def _check_ratios(ratios: Sequence[float]) -> list[float]:
@@ -147,14 +149,14 @@ def drop_tokens(model: ir.Model, ratios: Sequence[float]) -> DropReport:
     configuration; a model it cannot apply to is left unchanged with the reason."""
     ratios = _check_ratios(ratios)
     report = DropReport(ratios=ratios)
-    layers = sum(1 for n in model.graph if _is(n, OP_DOMAIN, "Attention"))
-    if len(ratios) == 1 and layers > 2:
-        ratios = report.ratios = ratios * (layers - 1)  # one share for every layer but the last
-    plan = _plan(model, ratios)
-    if isinstance(plan, str):
-        report.reason = plan
+    attention = [n for n in model.graph if _is(n, OP_DOMAIN, "Attention")]
+    if len(ratios) == 1 and len(attention) > 2:
+        # One share for every layer but the last.
+        ratios = report.ratios = ratios * (len(attention) - 1)
+    norms = _plan(model, attention, ratios)
+    if isinstance(norms, str):
+        report.reason = norms
         return report
-    attention, norms = plan
     if all(r == 1.0 for r in ratios):
         report.reason = "every layer keeps all its tokens"
         return report
