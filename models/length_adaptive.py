@@ -16,11 +16,18 @@ lowers by 0.1 the one layer's share that saves the most work (tokens summed over
 the accuracy on that half stays within ``--budget`` points of full length; it stops when no step
 does. The configuration found joins the curve, whose accuracy is also given on the second half
 (not used by the search).
+
+``--length-drop STEPS``: first fine-tune the model with LengthDrop for STEPS steps
+(fastonnx.compress.length_drop: each step trains the full-length model on the labels and the
+original model's soft targets, and the smallest and two random token-dropping sub-models on the
+full-length model's logits; ``--max-drop`` bounds what a layer drops), zeros of a sparse student
+kept; the curve is then measured on the result, ``<model>-lengthdrop``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -104,6 +111,94 @@ def search(fast: Path, dev: Any, rows: slice, budget: float) -> list[float]:
         print(f"[search] {shares}: work {work(shares):.2f} of full length", flush=True)
 
 
+def keep_zeros(model: Any, optimizer: Any) -> int:
+    """Hold a sparse model's zero weights at zero through fine-tuning (a post-step hook on
+    ``optimizer``); returns how many weight matrices have zeros."""
+    import torch
+
+    masks = [
+        (m.weight, m.weight != 0)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and bool((m.weight == 0).any())
+    ]
+
+    def reapply(*_args: Any) -> None:
+        with torch.no_grad():
+            for weight, mask in masks:
+                weight.mul_(mask)
+
+    optimizer.register_step_post_hook(reapply)
+    return len(masks)
+
+
+def length_train(args: argparse.Namespace, folder: Path, steps: int) -> Path:
+    """``folder``'s model fine-tuned with LengthDrop (the module doc's ``--length-drop``), in
+    ``<folder>-lengthdrop``: model/, onnx/model.onnx, metrics.json. Reused when present."""
+    import student as student_recipe
+    import teacher as teacher_recipe
+
+    out = folder.parent / f"{folder.name}-lengthdrop"
+    onnx_path = out / "onnx" / "model.onnx"
+    if not common.needed(onnx_path, args.force):
+        return out
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fastonnx.compress import DistillConfig, export_model, train
+    from fastonnx.compress.length_drop import LengthDrop
+
+    settings = common.settings_for(args)
+    split = common.load_split(teacher_recipe.paths_for(args).split)
+    torch.manual_seed(args.seed)
+    original = AutoModelForSequenceClassification.from_pretrained(folder / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    model = copy.deepcopy(original)
+    texts, labels = student_recipe.distillation_text(args, settings, split)
+    batches = common.batches_of(
+        tokenizer,
+        texts,
+        labels,
+        settings.batch_size,
+        settings.max_len,
+        seed=args.seed + 3,
+        group_by_length=True,
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.length_lr, weight_decay=0.01)
+    sparse = keep_zeros(model, optimizer)
+    print(f"[length-drop] {steps} steps from {folder.name} ({sparse} sparse matrices kept sparse)")
+    with common.timed(f"LengthDrop fine-tune, {steps} steps"):
+        result = train(
+            model,
+            original,
+            batches,
+            steps=steps,
+            optimizer=optimizer,
+            config=DistillConfig(temperature=settings.temperature),
+            lr_scheduler=teacher_recipe.linear_warmup_decay(optimizer, steps),
+            log_every=max(1, steps // 20),
+            length_drop=LengthDrop(max_drop=args.max_drop, seed=args.seed),
+        )
+    dev = common.batches_of(tokenizer, split.dev_texts, split.dev_labels, 64, settings.max_len)
+    with common.atomic_dir(out / "model", force=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    common.write_json(
+        out / "metrics.json",
+        {
+            "from": folder.name,
+            "steps": steps,
+            "max_drop": args.max_drop,
+            "lr": args.length_lr,
+            "seconds": round(result.seconds, 1),
+            "dev_accuracy_full_length": common.accuracy(model, dev),
+            "dev_accuracy_before": common.accuracy(original, dev),
+        },
+    )
+    with common.atomic_dir(onnx_path.parent, force=True) as tmp:
+        export_model(model, tmp / onnx_path.name)
+    return out
+
+
 def _layers(fast: Path) -> int:
     import onnx
 
@@ -121,6 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="timed passes over the dev split")
     parser.add_argument("--search", action="store_true", help="search a configuration (above)")
     parser.add_argument("--budget", type=float, default=1.0, help="search: points of accuracy")
+    parser.add_argument(
+        "--length-drop",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="fine-tune with LengthDrop for STEPS steps first (above)",
+    )
+    parser.add_argument(
+        "--max-drop", type=float, default=0.3, help="LengthDrop: most a layer drops (0.3)"
+    )
+    parser.add_argument("--length-lr", type=float, default=2e-5, help="LengthDrop: peak LR")
     args = parser.parse_args(argv)
     common.setup_environment()
 
@@ -129,10 +235,12 @@ def main(argv: list[str] | None = None) -> int:
 
     run = common.run_dir(args)
     folder = run / ("teacher" if args.teacher else f"student-{round(args.sparsity * 100)}")
-    fast = folder / "model.fast.onnx"
     if not (folder / "onnx" / "model.onnx").exists():
         print(f"no model at {folder}: run models/teacher.py / student.py first", file=sys.stderr)
         return 2
+    if args.length_drop:
+        folder = length_train(args, folder, args.length_drop)
+    fast = folder / "model.fast.onnx"
     if not fast.exists():
         argv = [sys.executable, "-m", "fastonnx", "optimize", str(folder / "onnx" / "model.onnx")]
         argv += ["-o", str(fast), "--calibration", str(run / "calibration.npz")]

@@ -186,11 +186,15 @@ def student_weights(out):
 
 
 # "fisher" stops after step 1, between two mask updates: the resumed run must rank the next
-# update's blocks by the gradients the checkpoint carries.
-@pytest.mark.parametrize(("criterion", "stop"), [("magnitude", "3"), ("fisher", "1")])
-def test_resume_gives_the_uninterrupted_result(inputs, tmp_path, criterion, stop):
+# update's blocks by the gradients the checkpoint carries. With --length-drop the resumed run
+# must draw the sub-models an uninterrupted one would.
+@pytest.mark.parametrize(
+    ("criterion", "stop", "extra"),
+    [("magnitude", "3", []), ("fisher", "1", []), ("magnitude", "3", ["--length-drop", "0.3"])],
+)
+def test_resume_gives_the_uninterrupted_result(inputs, tmp_path, criterion, stop, extra):
     base = ["--sparsity", "0.75", "--block-shape", "1x4", "--checkpoint-every", "2"]
-    base += ["--criterion", criterion]
+    base += ["--criterion", criterion, *extra]
     whole = tmp_path / "whole"
     assert cli.main(command(inputs["head"], inputs["csv"], whole, *base)) == 0
     parts = tmp_path / "parts"
@@ -298,6 +302,19 @@ def test_bad_model_folder(inputs, tmp_path, capsys, what, match):
         save_model(folder, weights=False)
     out = tmp_path / "out"
     assert re.search(match, run_bad(capsys, command(folder, inputs["csv"], out), out))
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--length-drop", "1.0"], r"--length-drop must be in \[0, 1\)"),
+        (["--length-drop", "0.2", "--mode", "embedding"], "embedding mode does not take it"),
+    ],
+)
+def test_bad_length_drop(inputs, tmp_path, capsys, extra, match):
+    out = tmp_path / "out"
+    argv = command(inputs["head"], inputs["csv"], out, *extra)
+    assert re.search(match, run_bad(capsys, argv, out))
 
 
 @pytest.mark.parametrize("sparsity", ["1.0", "-0.1", "1.5"])

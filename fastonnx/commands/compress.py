@@ -106,6 +106,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="random student batches (default: batches of one token length, about half the "
         "padding and a cheaper step)",
     )
+    train.add_argument(
+        "--length-drop",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="LengthDrop training: each step also trains sub-models whose layers each drop up "
+        "to P of their tokens (0.2-0.3 typical), so `fastonnx optimize --length-config` runs "
+        "them accurately (default 0: off; labeled mode)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     run = parser.add_argument_group("checkpoints and outputs")
@@ -158,6 +167,7 @@ def run_command(args: argparse.Namespace) -> int:
         resume=args.resume,
         force=args.force,
         exporter=args.exporter,
+        length_drop=args.length_drop,
         calibration_samples=args.calibration_samples,
         threads=args.threads,
         mode=args.mode,

@@ -26,6 +26,7 @@ from fastonnx.compress._deps import require_torch
 if TYPE_CHECKING:
     import torch
 
+    from fastonnx.compress.length_drop import LengthDrop
     from fastonnx.compress.pruning import BlockPruner
 
 
@@ -64,6 +65,7 @@ class LossParts:
     kd: float = 0.0
     hidden: float = 0.0
     cosine: float = 0.0
+    length: float = 0.0  # LengthDrop: the sub-models' mean KL to the full-length model
 
 
 def _hidden_mse(student_out: Any, teacher_out: Any) -> torch.Tensor:
@@ -178,6 +180,7 @@ def train(
     log: Callable[[str], None] | None = None,
     start_step: int = 0,
     on_step: Callable[[int, LossParts], None] | None = None,
+    length_drop: LengthDrop | None = None,
 ) -> TrainResult:
     """Train ``student`` for ``steps`` optimizer steps; return the per-step losses.
 
@@ -191,6 +194,10 @@ def train(
     resumed run sees what an uninterrupted one would), given the model, optimizer, scheduler,
     pruner and RNG states saved after that step. ``on_step(done, parts)`` runs after each
     optimizer step (checkpoints, progress bars).
+
+    ``length_drop``: LengthDrop training (:mod:`fastonnx.compress.length_drop`): each step
+    also trains sub-models that drop tokens, on the full-length model's logits. For
+    classifiers (models returning ``logits`` from the first token).
     """
     torch = require_torch()
     if steps < 1:
@@ -208,6 +215,11 @@ def train(
     if teacher is not None:
         teacher.eval()
     student.train()
+    dropper = None
+    if length_drop is not None:
+        from fastonnx.compress.length_drop import TokenDropper
+
+        dropper = TokenDropper(student)
     if pruner is not None:
         pruner.attach(optimizer)
     result = TrainResult(steps=steps, seconds=0.0)
@@ -226,6 +238,10 @@ def train(
             parts = distillation_loss(out, teacher_out, batch.get("labels"), config)
             optimizer.zero_grad(set_to_none=True)
             parts.total.backward()
+            if dropper is not None:
+                from fastonnx.compress.length_drop import sandwich_loss
+
+                parts.length = sandwich_loss(dropper, out.logits, inputs, length_drop, step)
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
             optimizer.step()  # the pruner's post-step hook re-applies the masks
@@ -240,6 +256,8 @@ def train(
     finally:
         if pruner is not None:
             pruner.detach()
+        if dropper is not None:
+            dropper.close()
         student.eval()
     result.seconds = time.perf_counter() - start
     if pruner is not None:
@@ -265,6 +283,8 @@ def _progress(
         ("cosine", config.alpha_cosine, parts.cosine),
     )
     terms = [f"{name} {value:.4f}" for name, alpha, value in weighted if alpha > 0]
+    if parts.length:
+        terms.append(f"length {parts.length:.4f}")
     if len(terms) > 1:
         line += " (" + ", ".join(terms) + ")"
     if pruner is not None:

@@ -110,6 +110,9 @@ class CompressConfig:
     alpha_cosine: float = 1.0  # embedding mode: weight of 1 - cosine(student, teacher)
     # Student batches of rows of one token length: about half the padding, a cheaper step.
     group_by_length: bool = True
+    # > 0: LengthDrop training (fastonnx.compress.length_drop) with this most a layer drops, so
+    # the student also runs well at reduced length configurations (labeled mode).
+    length_drop: float = 0.0
 
     # Options that change what training computes: a checkpoint resumes only with the same.
     _TRAINING_FIELDS = (
@@ -137,6 +140,7 @@ class CompressConfig:
         "mode",
         "alpha_cosine",
         "group_by_length",
+        "length_drop",
     )
 
 
@@ -236,6 +240,10 @@ def prepare(config: CompressConfig, log: Callable[[str], None] | None = None) ->
         raise CompressError(f"unknown criterion {config.criterion!r}; choose magnitude or fisher")
     if not 0.0 < config.dev_fraction < 1.0:
         raise CompressError(f"--dev-fraction must be in (0, 1), got {config.dev_fraction}")
+    if not 0.0 <= config.length_drop < 1.0:
+        raise CompressError(f"--length-drop must be in [0, 1), got {config.length_drop}")
+    if config.length_drop and config.mode == "embedding":
+        raise CompressError("--length-drop trains classifiers; embedding mode does not take it")
     model_folder = Path(config.model)
     _check_model_folder(model_folder)
 
@@ -537,6 +545,7 @@ def compress(config: CompressConfig, log: Callable[[str], None] | None = None) -
     plan = prepare(config, log)
     torch = require_torch()
     from fastonnx.compress.distill import DistillConfig, train
+    from fastonnx.compress.length_drop import LengthDrop
     from fastonnx.compress.pruning import BlockPruner
     from fastonnx.compress.schedule import CubicSchedule
 
@@ -637,6 +646,11 @@ def compress(config: CompressConfig, log: Callable[[str], None] | None = None) -
             log=lambda _line: None,
             start_step=done,
             on_step=on_step,
+            length_drop=(
+                LengthDrop(max_drop=config.length_drop, seed=config.seed)
+                if config.length_drop
+                else None
+            ),
         )
     if last < steps:
         log(f"[compress] stopped after step {last}/{steps}; continue with --resume")
