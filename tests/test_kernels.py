@@ -74,6 +74,28 @@ def test_exact_int32_accumulation(kernel, shape, sparsity, block):
     )
 
 
+@pytest.mark.parametrize("k", [16, 64, 200, 390])
+def test_quantized_bytes_are_the_reference_bytes(kernel, k):
+    """Through an identity weight the output gives back each quantized byte exactly: every one
+    equals the reference's, rounding ties (to even) and both ends of the range included."""
+    rng = np.random.default_rng(k)
+    x = (rng.standard_normal((21, k)) * 3).astype(np.float32)
+    x[0, :2] = [0.0, 255.0]  # scale 1, zero point 0: the values below are exact ties
+    x[0, 2:] = rng.integers(0, 255, k - 2) + 0.5
+    x[1] = np.linspace(-7.0, 0.0, k)  # all negative: zero point 255
+    x[2] = np.linspace(0.0, 5.0, k)  # all positive: zero point 0
+    lin = _native.Linear(
+        _native.pack_weight(np.eye(k, dtype=np.int8), np.ones(k, np.float32), (1, 4)),
+        kernel=kernel,
+    )
+    q, qs, qz = quantize_rows(x)
+    got = np.rint(lin(x) / qs) + qz
+    bad = np.argwhere(got != q)
+    assert bad.size == 0, (
+        f"{kernel}: byte {tuple(bad[0])} is {got[tuple(bad[0])]}, not {q[tuple(bad[0])]}"
+    )
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.8], ids=lambda s: f"sparse{s:.0%}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}K{}N{}".format(*s))
 def test_float_output_dynamic_quantization(kernel, shape, sparsity):
@@ -244,7 +266,9 @@ def test_weight_stats_count_blocks(block, sparsity):
     wp[:n, :k] = w
     groups = (wp.reshape(wp.shape[0], -1, 4) != 0).any(axis=2)  # [N, K/4]
     strips = groups.reshape(-1, 16, groups.shape[1]).any(axis=1)  # [N/16, K/4]
+    quads = groups.reshape(-1, 4, groups.shape[1]).any(axis=1)  # [N/4, K/4]
     assert s["groups_1x4"] == groups[:n].sum()
+    assert s["blocks_4x4"] == quads.sum()
     assert s["blocks_16x4"] == strips.sum()
     assert s["chunks_16x4"] == sum(-(-int(c) // 16) for c in strips.sum(axis=1))
     assert set(s["cost_us"]) == set(KERNELS)

@@ -62,6 +62,23 @@ FASTONNX_AVX512 static inline __m512i quantize_ps(__m512 x, __m512 inv_scale, __
   return _mm512_cvtps_epi32(q);
 }
 
+// 64 floats to uint8, the same bytes as quantize_ps on each: x * inv_scale is clamped to
+// [-256, 512] (where every result already saturates), rounded by the conversion (MXCSR's
+// nearest-even, as roundscale), offset in int32 and saturated by the two packs, which clamp to
+// [0, 255] for free; a permute undoes the packs' per-128-bit-lane interleave.
+FASTONNX_AVX512 static inline void quantize64(const float* x, __m512 inv_scale, __m512i zero_point,
+                                              uint8_t* out) {
+  const __m512 lo = _mm512_set1_ps(-256.f), hi = _mm512_set1_ps(512.f);
+  __m512i q[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + 16 * i), inv_scale);
+    q[i] = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi)), zero_point);
+  }
+  const __m512i bytes = _mm512_packus_epi16(_mm512_packus_epi32(q[0], q[1]), _mm512_packus_epi32(q[2], q[3]));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  _mm512_storeu_si512(out, _mm512_permutexvar_epi32(order, bytes));
+}
+
 FASTONNX_AVX512 static inline __mmask16 tail_mask(int64_t count) {
   return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
 }
@@ -113,7 +130,12 @@ FASTONNX_AVX512 static inline void quantize_rows(const float* x, int64_t rows, i
     }
     const __m512 inv_scale = _mm512_set1_ps(1.f / row_scale[r]);
     const __m512 zp = _mm512_set1_ps(static_cast<float>(row_zp[r]));
-    for (int64_t i = 0; i < full; i += 16) {
+    int64_t i = 0;
+    if (!per_tensor) {  // per-tensor rows check each vector for NaN and infinities below
+      const __m512i zp_int = _mm512_set1_epi32(row_zp[r]);
+      for (; i + 64 <= full; i += 64) quantize64(xr + i, inv_scale, zp_int, qr + i);
+    }
+    for (; i < full; i += 16) {
       const __m512 v = _mm512_loadu_ps(xr + i);
       if (per_tensor) bad |= _mm512_fpclass_ps_mask(v, kNonFinite);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + i),

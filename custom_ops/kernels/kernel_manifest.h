@@ -19,6 +19,7 @@ namespace fastonnx {
 struct WeightStats {
   int64_t n = 0, k = 0;
   int64_t groups_1x4 = 0;    // non-zero 1x4 groups (4 inputs of one output channel)
+  int64_t blocks_4x4 = 0;    // non-zero 4x4 blocks (4 consecutive channels x one K group)
   int64_t blocks_16x4 = 0;   // non-zero 16x4 blocks (16-channel strip x one K group)
   int64_t chunks_16x4 = 0;   // sum over strips of ceil(blocks / 16): AMX tiles of gathered groups
   int64_t gathered_chunks = 0;  // those chunks whose 16 groups are not consecutive

@@ -129,6 +129,7 @@ BlockShape preferred_block_shape(Isa isa);
 std::unique_ptr<LinearKernel> make_linear_ref(const PackedWeightView& view);
 std::unique_ptr<LinearKernel> make_linear_avx2(const PackedWeightView& view);
 std::unique_ptr<LinearKernel> make_linear_avx512_vnni(const PackedWeightView& view);
+std::unique_ptr<LinearKernel> make_linear_avx512_vnni_4x4(const PackedWeightView& view);
 std::unique_ptr<LinearKernel> make_linear_avx512_dense(const PackedWeightView& view);
 std::unique_ptr<LinearKernel> make_linear_amx(const PackedWeightView& view);
 // The AMX kernel's code on emulated tiles (amx_tiles.h): needs AVX-512 VNNI only.

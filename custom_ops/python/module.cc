@@ -491,6 +491,7 @@ PYBIND11_MODULE(_native, m) {
     d["n"] = s.n;
     d["k"] = s.k;
     d["groups_1x4"] = s.groups_1x4;
+    d["blocks_4x4"] = s.blocks_4x4;
     d["blocks_16x4"] = s.blocks_16x4;
     d["chunks_16x4"] = s.chunks_16x4;
     d["gathered_chunks"] = s.gathered_chunks;
