@@ -101,3 +101,10 @@ def assert_u8_close(y: np.ndarray, ref: np.ndarray, context: str = "") -> None:
     diff = np.abs(y.astype(np.int32) - ref.astype(np.int32))
     assert diff.max(initial=0) <= 1, f"uint8 output off by {diff.max()} ({context})"
     assert (diff > 0).mean() <= 0.01, f"{(diff > 0).mean():.2%} of uint8 outputs differ ({context})"
+
+
+def attention_path_for_isa(isa: str, vendor: str) -> str:
+    """The attention path FASTONNX_ISA=isa selects (attention.h): the AVX-512 level takes fp32
+    on Intel (bf16 dot products at half the fp32 rate there), BF16 elsewhere."""
+    avx512 = "avx512_f32" if vendor == "GenuineIntel" else "avx512_bf16"
+    return {"ref": "ref", "avx2": "ref", "avx512_vnni": avx512, "amx": "amx_bf16"}[isa]

@@ -17,6 +17,7 @@ _native = pytest.importorskip("fastonnx._native")
 ort = pytest.importorskip("onnxruntime")
 
 import fastonnx  # noqa: E402
+from tests.kernel_reference import attention_path_for_isa  # noqa: E402
 from tests.test_attention_op import (  # noqa: E402
     PATHS,
     assert_matches,
@@ -234,7 +235,7 @@ def test_ort_pack_attention_unpack(pattern, mask_type):
 @pytest.mark.parametrize("isa", _native.all_isas())
 def test_forced_isa_runs_packed_attention(isa, monkeypatch):
     monkeypatch.setenv("FASTONNX_ISA", isa)
-    path = {"ref": "ref", "avx2": "ref", "avx512_vnni": "avx512_bf16", "amx": "amx_bf16"}[isa]
+    path = attention_path_for_isa(isa, _native.cpu_features()["vendor"])
     reason = _native.isa_unavailable_reason(isa) or _native.attention_path_unavailable_reason(path)
     if reason:
         pytest.skip(f"FASTONNX_ISA={isa}: {reason}")

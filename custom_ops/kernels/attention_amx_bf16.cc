@@ -83,7 +83,7 @@ FASTONNX_AMX_BF16 void head_amx_bf16(const AttentionArgs& a, const Task& t) {
     const int64_t rows = std::min(kRows, t.seq - s0);
     load_queries(a, t, s0, rows, kRows, w);
     scores(w);
-    softmax_rows(a, t, s0, rows, kRows, w, inv, skip);
+    softmax_rows<uint16_t>(a, t, s0, rows, kRows, w, inv, skip);
     if (t.key_scores) add_key_scores(w, kRows, inv, skip);
     for (int64_t h0 = 0; h0 < h; h0 += 64) {
       switch ((std::min<int64_t>(64, h - h0) + 15) / 16) {

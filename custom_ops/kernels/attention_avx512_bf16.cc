@@ -88,7 +88,7 @@ FASTONNX_AVX512_BF16 void head_avx512_bf16(const AttentionArgs& a, const Task& t
     int64_t jb = 0;
     for (; jb + 2 <= nblk; jb += 2) score_blocks<2>(w.qb, w.qw, w.kp, w.kpairs, used_pairs, jb, w.sc, w.tcp);
     if (jb < nblk) score_blocks<1>(w.qb, w.qw, w.kp, w.kpairs, used_pairs, jb, w.sc, w.tcp);
-    softmax_rows(a, t, s0, rows, kRows, w, inv, skip);
+    softmax_rows<uint16_t>(a, t, s0, rows, kRows, w, inv, skip);
     if (t.key_scores) add_key_scores(w, kRows, inv, skip);
     float* y = t.y + s0 * d;
     if (w.h16 <= 32) {

@@ -138,10 +138,44 @@ struct Work {
   uint32_t* qb = nullptr;  // [rows][qw] bf16 pairs of the block's scaled queries
   float* sc = nullptr;     // [rows][tcp] scores
   uint16_t* pb = nullptr;  // [rows][tcp] bf16 probabilities (unnormalized)
+  float* pf = nullptr;     // the same in fp32 (the fp32 path)
   float* vmean = nullptr;
   bool have_mean = false;
   float* ks = nullptr;  // [tcp] received attention of the kept keys (when key scores are asked)
 };
+
+// Step 1: the keys some query attends to (mask > kSkipThreshold), their indices into idx
+// (sp entries of scratch, as `active`); returns how many.
+FASTONNX_AVX512_BF16 static inline int64_t keep_keys(const Task& t, int64_t sp, int8_t* active,
+                                                     int32_t* idx) {
+  const int64_t s_len = t.seq;
+  int64_t tc = 0;
+  if (!t.mask) {
+    for (int64_t j = 0; j < s_len; ++j) idx[j] = int32_t(j);
+    tc = s_len;
+  } else {
+    const __m512 threshold = _mm512_set1_ps(kSkipThreshold);
+    const int64_t mask_rows = t.mask_row_stride == 0 ? 1 : s_len;
+    std::memset(active, 0, size_t(sp));
+    for (int64_t s = 0; s < mask_rows; ++s) {
+      const float* m = t.mask + s * t.mask_row_stride;
+      for (int64_t j = 0; j < s_len; j += 16) {
+        // Not (m <= threshold): NaN masks stay in and propagate as in the reference.
+        const __mmask16 keep = _mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(lanes(s_len - j), m + j),
+                                                  threshold, _CMP_NLE_UQ) &
+                               lanes(s_len - j);
+        const __m128i cur = _mm_loadu_si128(reinterpret_cast<const __m128i*>(active + j));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(active + j),
+                         _mm_or_si128(cur, _mm_maskz_set1_epi8(keep, 1)));
+      }
+    }
+    for (int64_t j = 0; j < s_len; ++j) {
+      idx[tc] = int32_t(j);
+      tc += active[j];
+    }
+  }
+  return tc;
+}
 
 // Steps 1 and 2 for one task. `key_multiple` (16 or 32) pads the kept keys (padding keys are
 // zero with mask -inf); each key's bf16 pairs are padded to 16 (H to 32). Returns false when
@@ -177,31 +211,7 @@ FASTONNX_AVX512_BF16 static inline bool prepare(const AttentionArgs& a, const Ta
   w.have_mean = false;
 
   // 1. Keys some query attends to.
-  int64_t tc = 0;
-  if (!t.mask) {
-    for (int64_t j = 0; j < s_len; ++j) w.idx[j] = int32_t(j);
-    tc = s_len;
-  } else {
-    const __m512 threshold = _mm512_set1_ps(kSkipThreshold);
-    const int64_t mask_rows = t.mask_row_stride == 0 ? 1 : s_len;
-    std::memset(active, 0, size_t(sp));
-    for (int64_t s = 0; s < mask_rows; ++s) {
-      const float* m = t.mask + s * t.mask_row_stride;
-      for (int64_t j = 0; j < s_len; j += 16) {
-        // Not (m <= threshold): NaN masks stay in and propagate as in the reference.
-        const __mmask16 keep = _mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(lanes(s_len - j), m + j),
-                                                  threshold, _CMP_NLE_UQ) &
-                               lanes(s_len - j);
-        const __m128i cur = _mm_loadu_si128(reinterpret_cast<const __m128i*>(active + j));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(active + j),
-                         _mm_or_si128(cur, _mm_maskz_set1_epi8(keep, 1)));
-      }
-    }
-    for (int64_t j = 0; j < s_len; ++j) {
-      w.idx[tc] = int32_t(j);
-      tc += active[j];
-    }
-  }
+  const int64_t tc = keep_keys(t, sp, active, w.idx);
   if (tc == 0) {
     mean_v(t.v, s_len, h, stride, w.vmean);
     for (int64_t s = 0; s < s_len; ++s) std::memcpy(t.y + s * d, w.vmean, size_t(h) * 4);
@@ -265,9 +275,25 @@ FASTONNX_AVX512_BF16 static inline void load_queries(const AttentionArgs& a, con
   }
 }
 
-// Softmax of the block's score rows (w.sc, stride tcp, log2 units) into bf16 w.pb, with
+template <class P>
+static inline P* probabilities(Work& w) {
+  if constexpr (sizeof(P) == 2) {
+    return w.pb;
+  } else {
+    return w.pf;
+  }
+}
+FASTONNX_AVX512_BF16 static inline void store_probabilities(uint16_t* p, __m512 e) {
+  _mm256_store_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(e));
+}
+FASTONNX_AVX512_BF16 static inline void store_probabilities(float* p, __m512 e) {
+  _mm512_store_ps(p, e);
+}
+
+// Softmax of the block's score rows (w.sc, stride tcp, log2 units) into w.pb (bf16) or w.pf, with
 // inv[r] = 1 / sum. skip[r]: row r is padding of the block, or had every key skipped (its
 // output, the mean of V, is written here).
+template <class P>  // uint16_t: bf16 into w.pb; float: fp32 into w.pf
 FASTONNX_AVX512_BF16 static inline void softmax_rows(const AttentionArgs& a, const Task& t,
                                                      int64_t s0, int64_t rows, int64_t block,
                                                      Work& w, float* inv, bool* skip) {
@@ -278,10 +304,10 @@ FASTONNX_AVX512_BF16 static inline void softmax_rows(const AttentionArgs& a, con
   // takes the same no-mask arithmetic, so it gives what the packed layout gives, bit for bit.
   const bool block_add_mask = !w.mask_zero && (t.mask != nullptr);
   for (int64_t r = 0; r < block; ++r) {
-    uint16_t* prow = w.pb + r * tcp;
+    P* prow = probabilities<P>(w) + r * tcp;
     skip[r] = r >= rows;
     if (skip[r]) {
-      std::memset(prow, 0, size_t(tcp) * 2);
+      std::memset(prow, 0, size_t(tcp) * sizeof(P));
       continue;
     }
     bool add_mask = block_add_mask;
@@ -298,18 +324,17 @@ FASTONNX_AVX512_BF16 static inline void softmax_rows(const AttentionArgs& a, con
       for (int64_t j = 0; j < full; j += 16) {
         const __m512 e = exp2_approx(_mm512_load_ps(x + j));
         vsum = _mm512_add_ps(vsum, e);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(prow + j), (__m256i)_mm512_cvtneps_pbh(e));
+        store_probabilities(prow + j, e);
       }
       if (full < used) {
         const __mmask16 valid = lanes(w.tc - full);
         const __m512 e = _mm512_maskz_mov_ps(valid, exp2_approx(_mm512_load_ps(x + full)));
         vsum = _mm512_add_ps(vsum, e);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(prow + full),
-                           (__m256i)_mm512_cvtneps_pbh(e));
+        store_probabilities(prow + full, e);
       }
       const float sum = _mm512_reduce_add_ps(vsum);
       if (sum >= 0x1p-64f && sum <= 0x1p64f) {  // false for NaN too
-        if (used < tcp) std::memset(prow + used, 0, size_t(tcp - used) * 2);
+        if (used < tcp) std::memset(prow + used, 0, size_t(tcp - used) * sizeof(P));
         inv[r] = 1.f / sum;
         continue;
       }
@@ -331,7 +356,7 @@ FASTONNX_AVX512_BF16 static inline void softmax_rows(const AttentionArgs& a, con
       if (!w.have_mean) mean_v(t.v, t.seq, a.head_size, a.token_stride, w.vmean);
       w.have_mean = true;
       std::memcpy(t.y + (s0 + r) * d, w.vmean, size_t(a.head_size) * 4);
-      std::memset(prow, 0, size_t(tcp) * 2);
+      std::memset(prow, 0, size_t(tcp) * sizeof(P));
       skip[r] = true;
       continue;
     }
@@ -339,7 +364,7 @@ FASTONNX_AVX512_BF16 static inline void softmax_rows(const AttentionArgs& a, con
     __m512 vsum = _mm512_setzero_ps();
     auto emit = [&](int64_t j, __m512 e) FASTONNX_AVX512_BF16 {
       vsum = _mm512_add_ps(vsum, e);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(prow + j), (__m256i)_mm512_cvtneps_pbh(e));
+      store_probabilities(prow + j, e);
     };
     if (add_mask) {
       for (int64_t j = 0; j < tcp; j += 16) {
@@ -356,7 +381,7 @@ FASTONNX_AVX512_BF16 static inline void softmax_rows(const AttentionArgs& a, con
         emit(full, _mm512_maskz_mov_ps(valid, exp2_approx(z)));
       }
     }
-    if (used < tcp) std::memset(prow + used, 0, size_t(tcp - used) * 2);
+    if (used < tcp) std::memset(prow + used, 0, size_t(tcp - used) * sizeof(P));
     inv[r] = 1.f / _mm512_reduce_add_ps(vsum);
   }
 }
