@@ -82,7 +82,6 @@ FASTONNX_AVX512_BF16 void pv_rows(const float* p, int64_t tcp, const Task& t, in
 FASTONNX_AVX512_BF16 bool prepare_f32(const AttentionArgs& a, const Task& t, Work& w, float*& kt,
                                       float*& qs) {
   const int64_t s_len = t.seq, h = a.head_size, stride = a.token_stride;
-  const int64_t d = a.heads * a.head_size;
   w.h16 = round_up(h, 16);
   const int64_t sp = round_up(s_len, 16);
   Scratch& scratch = tls_scratch;
@@ -104,15 +103,8 @@ FASTONNX_AVX512_BF16 bool prepare_f32(const AttentionArgs& a, const Task& t, Wor
   if (t.key_scores) std::memset(w.ks, 0, size_t(sp) * 4);
   w.have_mean = false;
 
-  const int64_t tc = keep_keys(t, sp, active, w.idx);
-  if (tc == 0) {
-    mean_v(t.v, s_len, h, stride, w.vmean);
-    for (int64_t s = 0; s < s_len; ++s) std::memcpy(t.y + s * d, w.vmean, size_t(h) * 4);
-    return false;
-  }
-  w.tc = tc;
-  w.tcp = round_up(tc, 16);
-  for (int64_t j = tc; j < w.tcp; ++j) w.idx[j] = w.idx[0];  // in-bounds; masked off
+  if (!select_keys(a, t, sp, 16, active, w)) return false;
+  const int64_t tc = w.tc;
   // K^T: each 16 keys x 16 features transposed in registers; zero past the kept keys and H.
   for (int64_t jb = 0; jb < w.tcp; jb += 16) {
     for (int64_t f0 = 0; f0 < w.h16; f0 += 16) {
@@ -125,12 +117,7 @@ FASTONNX_AVX512_BF16 bool prepare_f32(const AttentionArgs& a, const Task& t, Wor
       avx512::transpose16x16(kb, 16, reinterpret_cast<int32_t*>(kt + f0 * w.tcp + jb), w.tcp);
     }
   }
-  w.per_row_mask = t.mask && t.mask_row_stride != 0;
-  if (w.per_row_mask) {
-    w.mrow = row_mask;
-  } else {
-    w.mask_zero = gather_mask(t.mask, w.idx, tc, w.tcp, w.mrow);
-  }
+  set_mask(t, row_mask, w);
   return true;
 }
 

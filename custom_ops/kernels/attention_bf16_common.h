@@ -177,13 +177,43 @@ FASTONNX_AVX512_BF16 static inline int64_t keep_keys(const Task& t, int64_t sp, 
   return tc;
 }
 
+// Step 1 into w: the kept keys (w.idx, w.tc) and their count rounded up to `key_multiple`
+// (w.tcp; the padding entries repeat idx[0], so gathers stay in bounds and are masked off).
+// False when every key is skipped for every query: the output rows are then written here (the
+// mean of V).
+FASTONNX_AVX512_BF16 static inline bool select_keys(const AttentionArgs& a, const Task& t,
+                                                    int64_t sp, int64_t key_multiple,
+                                                    int8_t* active, Work& w) {
+  const int64_t tc = keep_keys(t, sp, active, w.idx);
+  if (tc == 0) {
+    const int64_t d = a.heads * a.head_size;
+    mean_v(t.v, t.seq, a.head_size, a.token_stride, w.vmean);
+    for (int64_t s = 0; s < t.seq; ++s) std::memcpy(t.y + s * d, w.vmean, size_t(a.head_size) * 4);
+    return false;
+  }
+  w.tc = tc;
+  w.tcp = round_up(tc, key_multiple);
+  for (int64_t j = tc; j < w.tcp; ++j) w.idx[j] = w.idx[0];
+  return true;
+}
+
+// The mask the softmax adds: a per-query mask is gathered row by row into row_mask later; a
+// broadcast one once, here.
+FASTONNX_AVX512_BF16 static inline void set_mask(const Task& t, float* row_mask, Work& w) {
+  w.per_row_mask = t.mask && t.mask_row_stride != 0;
+  if (w.per_row_mask) {
+    w.mrow = row_mask;
+  } else {
+    w.mask_zero = gather_mask(t.mask, w.idx, w.tc, w.tcp, w.mrow);
+  }
+}
+
 // Steps 1 and 2 for one task. `key_multiple` (16 or 32) pads the kept keys (padding keys are
 // zero with mask -inf); each key's bf16 pairs are padded to 16 (H to 32). Returns false when
 // every key is skipped for every query (the output rows are then written: the mean of V).
 FASTONNX_AVX512_BF16 static inline bool prepare(const AttentionArgs& a, const Task& t,
                                                 int64_t rows, int64_t key_multiple, Work& w) {
   const int64_t s_len = t.seq, h = a.head_size, stride = a.token_stride;
-  const int64_t d = a.heads * a.head_size;
   w.hp = round_up(h, 32);
   w.qw = w.hp / 2;
   w.h16 = round_up(h, 16);
@@ -211,15 +241,8 @@ FASTONNX_AVX512_BF16 static inline bool prepare(const AttentionArgs& a, const Ta
   w.have_mean = false;
 
   // 1. Keys some query attends to.
-  const int64_t tc = keep_keys(t, sp, active, w.idx);
-  if (tc == 0) {
-    mean_v(t.v, s_len, h, stride, w.vmean);
-    for (int64_t s = 0; s < s_len; ++s) std::memcpy(t.y + s * d, w.vmean, size_t(h) * 4);
-    return false;
-  }
-  w.tc = tc;
-  w.tcp = round_up(tc, key_multiple);
-  for (int64_t j = tc; j < w.tcp; ++j) w.idx[j] = w.idx[0];  // in-bounds gathers; masked off
+  if (!select_keys(a, t, sp, key_multiple, active, w)) return false;
+  const int64_t tc = w.tc;
 
   // 2. K: 16-key blocks of bf16 pairs, each 16 keys x 16 pairs transposed in registers.
   for (int64_t jb = 0; jb < w.tcp / 16; ++jb) {
@@ -252,12 +275,7 @@ FASTONNX_AVX512_BF16 static inline bool prepare(const AttentionArgs& a, const Ta
       _mm512_store_si512(w.vp + pp * w.h16 + h0, _mm512_permutexvar_epi16(interleave, ab));
     }
   }
-  w.per_row_mask = t.mask && t.mask_row_stride != 0;
-  if (w.per_row_mask) {
-    w.mrow = row_mask;
-  } else {
-    w.mask_zero = gather_mask(t.mask, w.idx, tc, w.tcp, w.mrow);
-  }
+  set_mask(t, row_mask, w);
   return true;
 }
 

@@ -217,7 +217,7 @@ def train(
     student.train()
     dropper = None
     if length_drop is not None:
-        from fastonnx.compress.length_drop import TokenDropper
+        from fastonnx.compress.length_drop import TokenDropper, sandwich_loss
 
         dropper = TokenDropper(student)
     if pruner is not None:
@@ -239,8 +239,6 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             parts.total.backward()
             if dropper is not None:
-                from fastonnx.compress.length_drop import sandwich_loss
-
                 parts.length = sandwich_loss(dropper, out.logits, inputs, length_drop, step)
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
