@@ -355,3 +355,41 @@ def test_summarize_trace_skips_warmup_runs():
         ("MatMul", 75.0, 1.0),
         ("Add", 25.0, 1.0),
     ]
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        (
+            {
+                "vendor_id": "AuthenticAMD",
+                "cpu family": "25",
+                "model": "17",
+                "model name": "AMD EPYC",
+            },
+            "AMD EPYC (family 25 model 17: Zen 4)",
+        ),
+        (
+            {
+                "vendor_id": "AuthenticAMD",
+                "cpu family": "26",
+                "model": "2",
+                "model name": "AMD EPYC",
+            },
+            "AMD EPYC (family 26 model 2: Zen 5)",
+        ),
+        (
+            {"vendor_id": "GenuineIntel", "cpu family": "6", "model": "207", "model name": "Xeon"},
+            "Xeon (family 6 model 207: Emerald Rapids)",
+        ),
+        (  # unknown models keep family and model, without a guess
+            {"vendor_id": "GenuineIntel", "cpu family": "6", "model": "1", "model name": "X"},
+            "X (family 6 model 1)",
+        ),
+        ({"model name": "Some CPU", "cpu family": "?"}, "Some CPU"),
+    ],
+)
+def test_cpu_description_names_the_core(fields, expected):
+    from fastonnx.bench.timing import describe_cpu
+
+    assert describe_cpu(fields) == expected

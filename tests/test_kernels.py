@@ -171,6 +171,23 @@ def test_threads_give_identical_results(kernel):
     np.testing.assert_array_equal(lin(x, threads=1), lin(x, threads=7))
 
 
+@pytest.mark.parametrize("m", [1, 47, 64, 65, 130, 301])
+def test_blocks_prepared_on_demand_under_threads(kernel, m):
+    """A call is one parallel section: the first task to need a row block quantizes and lays it
+    out while the others wait on it. More threads than blocks, ragged blocks and repeated calls
+    must all give the single-thread result (a race shows up as a mismatch or a hang)."""
+    rng, w, scale, x = make_case(m, 100, 70, 0.7, (1, 4))
+    lin = _native.Linear(_native.pack_weight(w, scale, (1, 4)), kernel=kernel)
+    bias = rng.standard_normal(70).astype(np.float32)
+    expected = lin(x, bias=bias, activation="gelu", threads=1)
+    assert_close(expected, sparse_linear(x, w, scale, bias=bias, activation="gelu"), kernel)
+    for threads in (2, 3, 8):
+        for _ in range(3):
+            np.testing.assert_array_equal(
+                lin(x, bias=bias, activation="gelu", threads=threads), expected
+            )
+
+
 def test_zero_rows_and_extreme_inputs(kernel):
     rng, w, scale, _ = make_case(1, 40, 24, 0.5, (1, 4))
     lin = _native.Linear(_native.pack_weight(w, scale, (1, 4)), kernel=kernel)

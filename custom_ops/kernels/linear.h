@@ -93,10 +93,24 @@ class LinearKernel {
 
  protected:
   LinearKernel(int64_t n, int64_t k) : n_(n), k_(k) {}
-  // Quantized-activation compute: `quantized` rows of k uint8 values (row stride k) with their
-  // per-row parameters in `epi`. Each path lays activations out as it likes inside.
-  virtual void compute(const uint8_t* xq, int64_t m, const Epilogue& epi,
-                       const Runner& runner) const = 0;
+
+  // How a path splits one call: row blocks (block b holds rows [b * block_rows,
+  // min(m, (b + 1) * block_rows))) times column tasks per block, and the bytes of the
+  // activation layout it builds per call (0: it reads the quantized rows as they are).
+  struct Plan {
+    int64_t block_rows = 1;
+    int64_t column_tasks = 1;
+    size_t layout_bytes = 0;
+  };
+  virtual Plan plan(int64_t m) const = 0;
+  // Lays out block b's quantized rows (row stride k) in `layout`: once per block and call,
+  // before any of the block's tasks runs; it must not throw (other tasks wait on it).
+  virtual void prepare(const uint8_t* xq, int64_t m, int64_t block, uint8_t* layout) const {
+    (void)xq, (void)m, (void)block, (void)layout;
+  }
+  // One task: block b's rows against column task `column`'s channels, through the epilogue.
+  virtual void compute(const uint8_t* xq, const uint8_t* layout, int64_t m, int64_t block,
+                       int64_t column, const Epilogue& epi) const = 0;
   // Quantizes `rows` rows of X (row stride k) to uint8 and records each row's scale and zero
   // point; a row holding a NaN or an infinity gets scale NaN (so its output row is NaN, or 0
   // once requantized). The scalar version here is exact; vector paths override it with
@@ -110,6 +124,12 @@ class LinearKernel {
   void set_channel_data(const PackedWeightView& view);
 
  private:
+  // Runs every task of a call in one parallel section; `quantize(r0, r1)` fills rows
+  // [r0, r1) of xq (and their scales) first when the input is float.
+  template <class Quantize>
+  void execute(const uint8_t* xq, int64_t m, const Epilogue& epi, const Runner& runner,
+               const Quantize& quantize) const;
+
   int64_t n_, k_;
   std::unique_ptr<int32_t[]> wsum_;
   std::unique_ptr<float[]> wscale_;

@@ -86,29 +86,38 @@ class LinearAmx final : public avx512::Kernel {
   }
 
  protected:
-  void compute(const uint8_t* xq, int64_t m, const Epilogue& epi,
-               const Runner& runner) const override {
-    const int64_t row_tiles = (m + kTileRows - 1) / kTileRows;
-    const int64_t ldxt = row_tiles * kTileRows * 4;
-    AlignedBuffer<uint8_t> xt(size_t(groups_ * ldxt));
-    auto transpose_task = [&](size_t t) { transpose_rows(xq, m, int64_t(t), ldxt, xt.data()); };
-    run_tasks(runner, size_t(row_tiles), transpose_task);
-
-    // Row tiles spread evenly over ranges of at most kMaxRowTiles.
-    const int64_t ranges = (row_tiles + kMaxRowTiles - 1) / kMaxRowTiles;
-    const int64_t per_range = (row_tiles + ranges - 1) / ranges;
-    const int64_t groups = int64_t(task_strips_.size()) - 1;
-    auto task = [&](size_t i) {
-      const int64_t range = int64_t(i) / groups, g = int64_t(i) % groups;
-      const int64_t tile0 = range * per_range;
-      const int64_t tiles = std::min(per_range, row_tiles - tile0);
-      run_task(xt.data(), ldxt, m, tile0, tiles, task_strips_[size_t(g)],
-               task_strips_[size_t(g) + 1], epi);
-    };
-    run_tasks(runner, size_t(ranges * groups), task);
+  // Blocks are ranges of at most kMaxRowTiles row tiles, spread evenly; the layout is XT, every
+  // row tile's rows transposed group by group (row stride ldxt).
+  Plan plan(int64_t m) const override {
+    const Ranges r(m);
+    return Plan{r.per_range * kTileRows, int64_t(task_strips_.size()) - 1,
+                size_t(groups_ * r.ldxt)};
+  }
+  void prepare(const uint8_t* xq, int64_t m, int64_t block, uint8_t* layout) const override {
+    const Ranges r(m);
+    const int64_t tile0 = block * r.per_range;
+    for (int64_t t = tile0; t < std::min(r.row_tiles, tile0 + r.per_range); ++t) {
+      transpose_rows(xq, m, t, r.ldxt, layout);
+    }
+  }
+  void compute(const uint8_t*, const uint8_t* layout, int64_t m, int64_t block, int64_t group,
+               const Epilogue& epi) const override {
+    const Ranges r(m);
+    const int64_t tile0 = block * r.per_range;
+    run_task(layout, r.ldxt, m, tile0, std::min(r.per_range, r.row_tiles - tile0),
+             task_strips_[size_t(group)], task_strips_[size_t(group) + 1], epi);
   }
 
  private:
+  struct Ranges {
+    int64_t row_tiles, per_range, ldxt;
+    explicit Ranges(int64_t m) : row_tiles((m + kTileRows - 1) / kTileRows) {
+      const int64_t ranges = (row_tiles + kMaxRowTiles - 1) / kMaxRowTiles;
+      per_range = (row_tiles + ranges - 1) / ranges;
+      ldxt = row_tiles * kTileRows * 4;
+    }
+  };
+
   void pack(const PackedWeightView& view) {
     const RowGroups rg = row_groups_1x4(view);
     const int64_t n = view.n, strips = (n + kStrip - 1) / kStrip;

@@ -139,24 +139,20 @@ class LinearAvx2 final : public LinearKernel {
   std::string name() const override { return "s8u8_spmm_1x4_m32__avx2"; }
 
  protected:
-  void compute(const uint8_t* xq, int64_t m, const Epilogue& epi,
-               const Runner& runner) const override {
-    const int64_t kp = groups_along_k_ * 4;
-    const int64_t mp = (m + kTileRows - 1) / kTileRows * kTileRows;
-    const int64_t blocks = (mp + kBlockRows - 1) / kBlockRows;
-    AlignedBuffer<int16_t> packed(size_t(mp * kp), /*zero=*/true);
-
-    auto pack_task = [&](size_t b) { pack_block(xq, m, mp, int64_t(b), packed.data()); };
-    run_tasks(runner, size_t(blocks), pack_task);
-
-    const int64_t chunks = (n() + kChannelsPerTask - 1) / kChannelsPerTask;
-    auto gemm_task = [&](size_t task) {
-      gemm_block(packed.data(), m, mp, int64_t(task) / chunks, int64_t(task) % chunks, epi);
-    };
-    run_tasks(runner, size_t(blocks * chunks), gemm_task);
+  Plan plan(int64_t m) const override {
+    return Plan{kBlockRows, (n() + kChannelsPerTask - 1) / kChannelsPerTask,
+                size_t(padded_rows(m) * groups_along_k_ * 4) * sizeof(int16_t)};
+  }
+  void prepare(const uint8_t* xq, int64_t m, int64_t block, uint8_t* layout) const override {
+    pack_block(xq, m, padded_rows(m), block, reinterpret_cast<int16_t*>(layout));
+  }
+  void compute(const uint8_t*, const uint8_t* layout, int64_t m, int64_t block, int64_t column,
+               const Epilogue& epi) const override {
+    gemm_block(reinterpret_cast<const int16_t*>(layout), m, padded_rows(m), block, column, epi);
   }
 
  private:
+  static int64_t padded_rows(int64_t m) { return (m + kTileRows - 1) / kTileRows * kTileRows; }
   static int64_t tiles_in_block(int64_t mp, int64_t b) {
     return std::min(kMaxTiles, (mp - b * kBlockRows) / kTileRows);
   }
@@ -164,6 +160,7 @@ class LinearAvx2 final : public LinearKernel {
   void pack_block(const uint8_t* xq, int64_t m, int64_t mp, int64_t b, int16_t* packed) const {
     const int64_t k = this->k(), kp = groups_along_k_ * 4, T = tiles_in_block(mp, b);
     int16_t* dst = packed + b * kBlockRows * kp;
+    std::memset(dst, 0, size_t(T * kTileRows * kp) * sizeof(int16_t));  // padding rows and K
     const int64_t r1 = std::min(m, b * kBlockRows + T * kTileRows);
     for (int64_t row = b * kBlockRows; row < r1; ++row) {
       const int64_t local = row - b * kBlockRows, t = local / kTileRows, r = local % kTileRows;

@@ -87,14 +87,10 @@ class LinearAvx512Dense final : public avx512::Kernel {
   std::string name() const override { return "s8u8_gemm_6x64__avx512_vnni"; }
 
  protected:
-  void compute(const uint8_t* xq, int64_t m, const Epilogue& epi,
-               const Runner& runner) const override {
-    const int64_t row_blocks = (m + kRows - 1) / kRows;
-    const int64_t row_tasks = (row_blocks + kRowBlocksPerTask - 1) / kRowBlocksPerTask;
-    auto task = [&](size_t i) {
-      run_task(xq, m, int64_t(i) % row_tasks, int64_t(i) / row_tasks, epi);
-    };
-    run_tasks(runner, size_t(row_tasks * panels_), task);
+  Plan plan(int64_t) const override { return Plan{kRowBlocksPerTask * kRows, panels_, 0}; }
+  void compute(const uint8_t* xq, const uint8_t*, int64_t m, int64_t block, int64_t panel,
+               const Epilogue& epi) const override {
+    run_task(xq, m, block, panel, epi);
   }
 
  private:

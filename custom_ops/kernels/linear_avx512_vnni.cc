@@ -200,24 +200,20 @@ class LinearAvx512Vnni final : public avx512::Kernel {
   }
 
  protected:
-  void compute(const uint8_t* xq, int64_t m, const Epilogue& epi,
-               const Runner& runner) const override {
-    const int64_t kp = groups_along_k_ * 4;
-    const int64_t mp = (m + kTileRows - 1) / kTileRows * kTileRows;
-    const int64_t blocks = (mp + kBlockRows - 1) / kBlockRows;
-    AlignedBuffer<uint8_t> packed(size_t(mp * kp));
-
-    auto pack_task = [&](size_t b) { pack_block(xq, m, mp, int64_t(b), packed.data()); };
-    run_tasks(runner, size_t(blocks), pack_task);
-
-    const int64_t chunks = (n() + kChannelsPerTask - 1) / kChannelsPerTask;
-    auto gemm_task = [&](size_t task) {
-      gemm_block(packed.data(), m, mp, int64_t(task) / chunks, int64_t(task) % chunks, epi);
-    };
-    run_tasks(runner, size_t(blocks * chunks), gemm_task);
+  Plan plan(int64_t m) const override {
+    return Plan{kBlockRows, (n() + kChannelsPerTask - 1) / kChannelsPerTask,
+                size_t(padded_rows(m) * groups_along_k_ * 4)};
+  }
+  void prepare(const uint8_t* xq, int64_t m, int64_t block, uint8_t* layout) const override {
+    pack_block(xq, m, padded_rows(m), block, layout);
+  }
+  void compute(const uint8_t*, const uint8_t* layout, int64_t m, int64_t block, int64_t column,
+               const Epilogue& epi) const override {
+    gemm_block(layout, m, padded_rows(m), block, column, epi);
   }
 
  private:
+  static int64_t padded_rows(int64_t m) { return (m + kTileRows - 1) / kTileRows * kTileRows; }
   static int64_t tiles_in_block(int64_t mp, int64_t b) {
     return std::min(kMaxTiles, (mp - b * kBlockRows) / kTileRows);
   }

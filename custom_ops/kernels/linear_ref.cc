@@ -20,24 +20,22 @@ class LinearRef final : public LinearKernel {
   std::string name() const override { return "s8u8_dense__ref"; }
 
  protected:
-  void compute(const uint8_t* xq, int64_t m, const Epilogue& epi,
-               const Runner& runner) const override {
+  Plan plan(int64_t) const override { return Plan{kRowsPerTask, 1, 0}; }
+  void compute(const uint8_t* xq, const uint8_t*, int64_t m, int64_t block, int64_t,
+               const Epilogue& epi) const override {
     const int64_t n = this->n(), k = this->k();
-    auto task = [&](size_t t) {
-      std::vector<int32_t> acc(static_cast<size_t>(n));
-      const int64_t r1 = std::min(m, int64_t(t + 1) * kRowsPerTask);
-      for (int64_t r = int64_t(t) * kRowsPerTask; r < r1; ++r) {
-        const uint8_t* x = xq + r * k;
-        for (int64_t j = 0; j < n; ++j) {
-          const int8_t* w = w_.data() + j * k;
-          int32_t s = 0;
-          for (int64_t i = 0; i < k; ++i) s += int32_t{x[i]} * int32_t{w[i]};
-          acc[size_t(j)] = s;
-        }
-        scalar::epilogue(epi, r, 0, n, acc.data());
+    std::vector<int32_t> acc(static_cast<size_t>(n));
+    const int64_t r1 = std::min(m, (block + 1) * kRowsPerTask);
+    for (int64_t r = block * kRowsPerTask; r < r1; ++r) {
+      const uint8_t* x = xq + r * k;
+      for (int64_t j = 0; j < n; ++j) {
+        const int8_t* w = w_.data() + j * k;
+        int32_t s = 0;
+        for (int64_t i = 0; i < k; ++i) s += int32_t{x[i]} * int32_t{w[i]};
+        acc[size_t(j)] = s;
       }
-    };
-    run_tasks(runner, size_t((m + kRowsPerTask - 1) / kRowsPerTask), task);
+      scalar::epilogue(epi, r, 0, n, acc.data());
+    }
   }
 
  private:

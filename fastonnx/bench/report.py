@@ -149,7 +149,7 @@ def format_header(result: BenchResult) -> str:
             f"{config.runs} interleaved rounds, seed {config.seed}",
             f"# {env['cpu']} | {' '.join(env['cpu_features'])}",
             f"# {runtimes}; fastonnx kernel path {env['kernel_path']}; ORT spinning "
-            f"{'on' if config.spin else 'off'}; load average {load}",
+            f"{'during runs' if config.spin else 'off'}; load average {load}",
         ]
     )
 

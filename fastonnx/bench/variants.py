@@ -137,10 +137,14 @@ def ort_session_options(threads: int, *, fastonnx: bool, spin: bool, profile_pre
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3  # "unused initializer" notices are noise here
-    if not spin:
-        # Interleaving runs several sessions in one process. An idle ORT session's workers
-        # keep spinning for a while after each run and would steal cores from the session
-        # timed next, so spinning is off unless asked for (--spin).
+    if spin:
+        # Workers spin between the operators of a run (ORT's default), and stop as soon as the
+        # run returns: interleaving runs several sessions in one process, and an idle
+        # session's spinning workers would steal cores from the session timed next.
+        so.add_session_config_entry("session.force_spinning_stop", "1")
+    else:
+        # Workers sleep between operators: each parallel section then pays a wake-up (tens
+        # of microseconds, far more on some VMs), which short operators cannot amortize.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix is not None:
         so.enable_profiling = True

@@ -46,8 +46,11 @@ measurement:
   Batch-1 latency on each --threads count, throughput at each --batch-sizes on the most
   threads. Within one setting every variant's session is opened first, then the variants
   run interleaved round by round (A B C A B C ...) after --warmup rounds, on identical
-  synthesized token inputs (--seed). ORT's worker spinning is off unless --spin: an idle
-  session's spinning workers would steal cores from the session timed next.
+  synthesized token inputs (--seed). ORT's worker threads sleep between operators unless
+  --spin, which lets them spin during each run (ORT's default) and stops them when it
+  returns, so no idle session steals cores from the one timed next. With more than one
+  thread, --spin is what a default ORT deployment sees; without it every parallel section
+  pays a thread wake-up.
   Parity: cosine (worst sample) and max abs diff of the first output against variant 1,
   on --parity-samples fresh inputs (every other one padded); token outputs [B, S, ...] are
   compared at the valid positions (attention_mask 1) only.
@@ -326,7 +329,9 @@ def model_parser() -> argparse.ArgumentParser:
         help="random batches per round with --texts (8)",
     )
     shape.add_argument(
-        "--spin", action="store_true", help="keep ORT's spinning worker threads (default: off)"
+        "--spin",
+        action="store_true",
+        help="ORT workers spin during each run, stopped when it returns (default: they sleep)",
     )
     models = p.add_argument_group("fastonnx variants")
     models.add_argument(
