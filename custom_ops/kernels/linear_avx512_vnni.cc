@@ -48,10 +48,19 @@ struct Quad {
   uint8_t channel[kQuad] = {0, 0, 0, 0};  // within the task; >= its count: padding channels
 };
 
-// acc += dot(u8 activations, s8 weights w) over 4-byte groups. Inline asm because GCC 12 wraps
-// every _mm512_dpbusd_epi32 on an accumulator in register copies (a much slower loop). AT&T
+// acc += dot(u8 activations, s8 weights w) over 4-byte groups. GCC 12 wraps some of these
+// accumulator arrays in register copies (a move before and after each vpdpbusd, a much slower
+// loop), with the intrinsic in some instantiations and with inline asm in others; each call
+// site picks the form that compiles to a copy-free loop (checked in the disassembly). AT&T
 // operand order: s8 source, u8 source, accumulator.
-#define FASTONNX_DPBUSD(acc, w, x) asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w))
+template <bool kIntrinsic>
+FASTONNX_AVX512 static inline void dpbusd(__m512i& acc, __m512i w, __m512i x) {
+  if constexpr (kIntrinsic) {
+    acc = _mm512_dpbusd_epi32(acc, x, w);
+  } else {
+    asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
+  }
+}
 
 // acc[channel[q]][16t + r] += the quad's dot products for rows 16t + r of the block.
 template <bool kShared, int T>
@@ -74,7 +83,7 @@ FASTONNX_AVX512 static void dot_quad(const uint8_t* xb, const Step* step, const 
       for (int q = 0; q < kQuad; ++q) {
         const __m512i w = _mm512_set1_epi32(step->w[q]);
 #pragma GCC unroll 4
-        for (int t = 0; t < T; ++t) FASTONNX_DPBUSD(a[q][t], w, x[t]);
+        for (int t = 0; t < T; ++t) dpbusd<T == 3 || T == 4>(a[q][t], w, x[t]);
       }
     } else {
 #pragma GCC unroll 4
@@ -82,7 +91,7 @@ FASTONNX_AVX512 static void dot_quad(const uint8_t* xb, const Step* step, const 
         const __m512i w = _mm512_set1_epi32(step->w[q]);
         const uint8_t* p = xb + size_t{step->kg[q]} * (T * 64);
 #pragma GCC unroll 4
-        for (int t = 0; t < T; ++t) FASTONNX_DPBUSD(a[q][t], w, _mm512_load_si512(p + 64 * t));
+        for (int t = 0; t < T; ++t) dpbusd<T == 3>(a[q][t], w, _mm512_load_si512(p + 64 * t));
       }
     }
   }
