@@ -393,3 +393,19 @@ def test_cpu_description_names_the_core(fields, expected):
     from fastonnx.bench.timing import describe_cpu
 
     assert describe_cpu(fields) == expected
+
+
+@pytest.mark.parametrize("spin", [True, False])
+def test_spinning_is_stopped_between_interleaved_runs(spin):
+    """Spinning workers stop when a run returns, so an idle session cannot slow the next one;
+    --no-spin makes them sleep between operators instead."""
+    from fastonnx.bench.variants import ort_session_options
+
+    so = ort_session_options(2, fastonnx=False, spin=spin)
+    if spin:
+        assert so.get_session_config_entry("session.force_spinning_stop") == "1"
+        # allow_spinning is left unset: ORT's default, spinning on
+        with pytest.raises(RuntimeError, match="allow_spinning"):
+            so.get_session_config_entry("session.intra_op.allow_spinning")
+    else:
+        assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"

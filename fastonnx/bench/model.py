@@ -68,7 +68,7 @@ class BenchConfig:
     padded_model: Path | None = None  # already optimized with --no-packing (variant 5p)
     eval_data: Path | None = None  # .npz with the model inputs and `labels`
     profile: bool = False
-    spin: bool = False  # ORT workers spin during runs (see variants.ort_session_options)
+    spin: bool = True  # ORT workers spin during runs (see variants.ort_session_options)
     chart: bool = True
 
 

@@ -46,11 +46,11 @@ measurement:
   Batch-1 latency on each --threads count, throughput at each --batch-sizes on the most
   threads. Within one setting every variant's session is opened first, then the variants
   run interleaved round by round (A B C A B C ...) after --warmup rounds, on identical
-  synthesized token inputs (--seed). ORT's worker threads sleep between operators unless
-  --spin, which lets them spin during each run (ORT's default) and stops them when it
-  returns, so no idle session steals cores from the one timed next. With more than one
-  thread, --spin is what a default ORT deployment sees; without it every parallel section
-  pays a thread wake-up.
+  synthesized token inputs (--seed). ORT's worker threads spin during each run, as in a
+  default ORT deployment, and are stopped when it returns (session.force_spinning_stop), so
+  no idle session steals cores from the one timed next. --no-spin makes them sleep between
+  operators instead: every parallel section then pays a thread wake-up (about 16 us, and far
+  more on some VMs), which is what a deployment with allow_spinning=0 sees.
   Parity: cosine (worst sample) and max abs diff of the first output against variant 1,
   on --parity-samples fresh inputs (every other one padded); token outputs [B, S, ...] are
   compared at the valid positions (attention_mask 1) only.
@@ -330,8 +330,10 @@ def model_parser() -> argparse.ArgumentParser:
     )
     shape.add_argument(
         "--spin",
-        action="store_true",
-        help="ORT workers spin during each run, stopped when it returns (default: they sleep)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ORT workers spin during each run and stop when it returns (default); "
+        "--no-spin: they sleep between operators",
     )
     models = p.add_argument_group("fastonnx variants")
     models.add_argument(
