@@ -15,8 +15,9 @@ namespace {
 // (10th-percentile times; the ranking is what the choice uses). Each has
 // a per-output term (epilogue), a per-input term (quantization and activation re-layout) and its
 // work term. The VNNI dense/sparse pair keeps the crossover measured on an AMD EPYC (dense from
-// about 50% non-zero 1x4 groups). With those fits the choice picked the fastest of the three AVX-512 /
-// AMX kernels in 56 of 60 cases and cost 0.6% on average against always picking the fastest.
+// about 50% non-zero 1x4 groups). With those fits the choice picked the fastest of the three
+// AVX-512 / AMX kernels in 56 of 60 cases and cost 0.6% on average against always picking the
+// fastest.
 double outputs_k(const WeightStats& s) { return 128.0 * double(s.n) * 1e-3; }
 double inputs_k(const WeightStats& s) { return 128.0 * double(s.k) * 1e-3; }
 double dense_groups_k(const WeightStats& s) { return double(s.n * ((s.k + 3) / 4)) * 1e-3; }
