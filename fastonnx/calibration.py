@@ -135,13 +135,20 @@ def read_npz(path: Path, error: type[Exception]) -> dict[str, np.ndarray]:
         raise error(f"{path}: not an .npz file (an .npz is a zip archive written by numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
+            arrays = {name: npz[name] for name in npz.files}
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             raise error(f"{path}: holds an object array; only numeric arrays are read") from exc
         raise error(f"{path}: not a readable .npz file ({exc})") from exc
     except Exception as exc:  # noqa: BLE001 - zipfile / numpy raise several types
         raise error(f"{path}: not a readable .npz file ({exc})") from exc
+    # numpy hands a zip member without the .npy suffix back as raw bytes, not an array.
+    raw = sorted(name for name, value in arrays.items() if not isinstance(value, np.ndarray))
+    if raw:
+        raise error(
+            f"{path}: member {raw[0]!r} is not a .npy array (numpy.savez writes only those)"
+        )
+    return arrays
 
 
 def from_npz(

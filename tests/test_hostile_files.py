@@ -293,6 +293,14 @@ def test_calibration_with_sequence_length_0(encoder_file, tmp_path, capsys, veri
     assert not out.exists()
 
 
+def _zip_with_raw_member(path: Path) -> None:
+    """A zip like an .npz whose member lacks the .npy suffix (found by fuzzing)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("input_ids", b"1 2 3")
+
+
 @pytest.mark.parametrize(
     ("write", "message"),
     [
@@ -302,8 +310,9 @@ def test_calibration_with_sequence_length_0(encoder_file, tmp_path, capsys, veri
         (lambda p: np.savez(p, x=np.array([{"a": 1}], dtype=object)), "object array"),
         (lambda p: np.savez(p, x=np.array([["a", "b"]])), "input 'x' is <U1; numeric arrays"),
         (lambda p: p.mkdir(), "not a file"),
+        (_zip_with_raw_member, "member 'input_ids' is not a .npy array"),
     ],
-    ids=["npy", "text", "empty", "pickle", "strings", "folder"],
+    ids=["npy", "text", "empty", "pickle", "strings", "folder", "raw-member"],
 )
 def test_bad_calibration_files(encoder_file, tmp_path, capsys, write, message):
     target = tmp_path / "calib.npz"
