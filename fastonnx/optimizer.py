@@ -46,11 +46,12 @@ from fastonnx.passes.quantize_qdq import QuantizeConfig, QuantizedLayer
 
 PRESETS: dict[str, tuple[str, ...]] = {
     "fuse": ("fuse",),  # fuse_encoder runs the clean-up itself
-    "int8": ("fuse", "quantize"),
+    "int8": ("fuse", "quantize", "ort_int8_range"),
     "sparse-int8": (
         "fuse",
         "quantize",
         "lower_sparse",
+        "ort_int8_range",
         "lower_attention",
         "lower_layer_norm",
         "pack_tokens",
@@ -199,6 +200,7 @@ _PASS_MODULES = {
     "fuse": "fastonnx.passes.fusion",
     "quantize": "fastonnx.passes.quantize_qdq",
     "lower_sparse": "fastonnx.passes.lower_sparse",
+    "ort_int8_range": "fastonnx.passes.ort_int8_range",
     "lower_attention": "fastonnx.passes.lower_attention",
     "lower_layer_norm": "fastonnx.passes.lower_layer_norm",
     "pack_tokens": "fastonnx.passes.pack_tokens",
@@ -242,6 +244,12 @@ def _lower_sparse(ctx: _Context) -> Pass:
     return LowerSparsePass(ctx.min_sparsity, ctx.dynamic_activations)
 
 
+def _ort_int8_range(ctx: _Context) -> Pass:
+    from fastonnx.passes.ort_int8_range import OrtInt8RangePass
+
+    return OrtInt8RangePass()
+
+
 def _lower_attention(ctx: _Context) -> Pass:
     from fastonnx.passes.lower_attention import LowerAttentionPass
 
@@ -265,6 +273,7 @@ _PASS_FACTORIES: dict[str, Callable[[_Context], Pass]] = {
     "fuse": _fuse,
     "quantize": _quantize,
     "lower_sparse": _lower_sparse,
+    "ort_int8_range": _ort_int8_range,
     "lower_attention": _lower_attention,
     "lower_layer_norm": _lower_layer_norm,
     "pack_tokens": _pack_tokens,

@@ -107,4 +107,4 @@ def attention_path_for_isa(isa: str, vendor: str) -> str:
     """The attention path FASTONNX_ISA=isa selects (attention.h): the AVX-512 level takes fp32
     on Intel (bf16 dot products at half the fp32 rate there), BF16 elsewhere."""
     avx512 = "avx512_f32" if vendor == "GenuineIntel" else "avx512_bf16"
-    return {"ref": "ref", "avx2": "ref", "avx512_vnni": avx512, "amx": "amx_bf16"}[isa]
+    return {"ref": "ref", "avx2": "avx2_f32", "avx512_vnni": avx512, "amx": "amx_bf16"}[isa]

@@ -79,7 +79,7 @@ def assert_matches(y, expected, path, case, max_err=3e-2):
         np.testing.assert_allclose(y, expected, rtol=1e-4, atol=2e-5, err_msg=case)
         return
     # fp32 products; 2^x is approximated (7.8e-5 relative), and a -1e4 bias costs fp32 digits
-    if path == "avx512_f32":
+    if path in ("avx2_f32", "avx512_f32"):
         np.testing.assert_allclose(y, expected, rtol=1e-3, atol=5e-4, err_msg=case)
         return
     # bf16 products: per-element error ~1e-2 on unit-scale data, direction kept to 1e-4.

@@ -197,7 +197,7 @@ def test_python_api(tiny_bert, tmp_path):
     report = result.report
     assert report.changed and len(report.quantized) == 12
     assert report.weights_bytes_after < report.weights_bytes_before
-    assert [p.name for p in report.passes] == ["fuse", "quantize"]
+    assert [p.name for p in report.passes] == ["fuse", "quantize", "ort_int8_range"]
     assert report.calibration == "4 samples from synthetic"
     assert report.to_dict()["passes"][1]["counts"]["linear layers quantized"] == 12
     out = result.save(tmp_path / "api.onnx")

@@ -135,7 +135,7 @@ def test_position_selectors_read_the_restored_states(encoder_exports):
 def test_every_attention_path(encoder_exports, isa, monkeypatch):
     monkeypatch.setenv("FASTONNX_ISA", isa)
     reason = _native.isa_unavailable_reason(isa)
-    path = {"ref": "ref", "avx2": "ref", "avx512_vnni": "avx512_bf16", "amx": "amx_bf16"}[isa]
+    path = {"ref": "ref", "avx2": "avx2_f32", "avx512_vnni": "avx512_bf16", "amx": "amx_bf16"}[isa]
     reason = reason or _native.attention_path_unavailable_reason(path)
     if reason:
         pytest.skip(f"FASTONNX_ISA={isa}: {reason}")
@@ -145,6 +145,24 @@ def test_every_attention_path(encoder_exports, isa, monkeypatch):
     want = fastonnx.make_session(data, 1).run(None, feeds)[0]
     got = fastonnx.make_session(packed, 1).run(None, feeds)[0]
     assert_packed_matches(got, want, feeds["attention_mask"], f"FASTONNX_ISA={isa}")
+
+
+def test_layers_left_on_ort_int8_are_packed_too(encoder_exports):
+    """Where no layer is lowered (AVX2 CPUs keep dense layers on ORT's int8), the QDQ MatMuls
+    (weight = DequantizeLinear of constants) run on packed tokens as well."""
+    exported = encoder_exports.get(COMBOS[0])
+    kwargs = dict(preset="sparse-int8", min_sparsity=1.0, num_samples=2)
+    padded = optimizer.optimize(exported.path, packing=False, **kwargs).model
+    result = optimizer.optimize(exported.path, **kwargs)
+    assert result.report.details("pack_tokens").applied, result.report.notes
+    ops = Counter(n.op_type for n in result.model.graph)
+    assert ops["SparseLinear"] == 0 and ops["MatMul"] > 0 and ops["PackTokens"] == 1
+    data, packed = (ir.serde.serialize_model(m).SerializeToString() for m in (padded, result.model))
+    for pattern in PATTERNS:
+        feeds = feeds_for(exported.input_names, exported.pad_token_id, pattern, 3, 13, seed=5)
+        want = fastonnx.make_session(data, 1).run(None, feeds)[0]
+        got = fastonnx.make_session(packed, 1).run(None, feeds)[0]
+        assert_packed_matches(got, want, feeds["attention_mask"], f"ORT int8 pattern={pattern}")
 
 
 def test_optimize_packs_by_default_and_says_so(encoder_exports):

@@ -9,6 +9,7 @@ namespace fastonnx {
 const char* attention_path_name(AttentionPath path) {
   switch (path) {
     case AttentionPath::kRef: return "ref";
+    case AttentionPath::kAvx2F32: return "avx2_f32";
     case AttentionPath::kAvx512F32: return "avx512_f32";
     case AttentionPath::kAvx512Bf16: return "avx512_bf16";
     case AttentionPath::kAmxBf16: return "amx_bf16";
@@ -19,6 +20,7 @@ const char* attention_path_name(AttentionPath path) {
 const char* attention_kernel_name(AttentionPath path) {
   switch (path) {
     case AttentionPath::kRef: return "f32_attention__ref";
+    case AttentionPath::kAvx2F32: return "f32_attention_6x16__avx2";
     case AttentionPath::kAvx512F32: return "f32_attention_8x32__avx512";
     case AttentionPath::kAvx512Bf16: return "bf16_attention_8x32__avx512_bf16";
     case AttentionPath::kAmxBf16: return "bf16_attention_16x32__amx_bf16";
@@ -27,7 +29,7 @@ const char* attention_kernel_name(AttentionPath path) {
 }
 
 std::vector<AttentionPath> all_attention_paths() {
-  return {AttentionPath::kRef, AttentionPath::kAvx512F32, AttentionPath::kAvx512Bf16,
+  return {AttentionPath::kRef, AttentionPath::kAvx2F32, AttentionPath::kAvx512F32, AttentionPath::kAvx512Bf16,
           AttentionPath::kAmxBf16};
 }
 
@@ -42,6 +44,7 @@ std::string attention_path_unavailable_reason(AttentionPath path) {
   const CpuFeatures& f = cpu_features();
   switch (path) {
     case AttentionPath::kRef: return "";
+    case AttentionPath::kAvx2F32: return f.avx2 && f.fma ? "" : "this CPU (or OS) lacks AVX2 with FMA";
     // Shares the bf16 paths' helpers, compiled for the same target (it issues no bf16 op).
     case AttentionPath::kAvx512F32:
     case AttentionPath::kAvx512Bf16:
@@ -66,8 +69,8 @@ std::vector<AttentionPath> available_attention_paths() {
 
 AttentionPath attention_path_for_isa(Isa isa) {
   switch (isa) {
-    case Isa::kRef:
-    case Isa::kAvx2: return AttentionPath::kRef;
+    case Isa::kRef: return AttentionPath::kRef;
+    case Isa::kAvx2: return AttentionPath::kAvx2F32;
     case Isa::kAvx512Vnni: return avx512_attention_path();
     case Isa::kAmx: return AttentionPath::kAmxBf16;
   }
@@ -187,6 +190,7 @@ void run_attention(const AttentionArgs& args, AttentionPath path, const Runner& 
   if (args.key_scores) per_head.assign(size_t(args.heads * rows), 0.f);
   using HeadFn = void (*)(const AttentionArgs&, const attention_detail::Task&);
   const HeadFn head = path == AttentionPath::kRef          ? attention_detail::head_ref
+                      : path == AttentionPath::kAvx2F32    ? attention_detail::head_avx2_f32
                       : path == AttentionPath::kAvx512F32  ? attention_detail::head_avx512_f32
                       : path == AttentionPath::kAvx512Bf16 ? attention_detail::head_avx512_bf16
                                                            : attention_detail::head_amx_bf16;

@@ -38,7 +38,7 @@ constexpr int64_t kMaxAttentionHeads = 1024;
 constexpr int64_t kMaxAttentionHeadSize = 512;
 
 // Attention kernel paths, portable first.
-enum class AttentionPath { kRef = 0, kAvx512Bf16 = 1, kAmxBf16 = 2, kAvx512F32 = 3 };
+enum class AttentionPath { kRef = 0, kAvx512Bf16 = 1, kAmxBf16 = 2, kAvx512F32 = 3, kAvx2F32 = 4 };
 
 const char* attention_path_name(AttentionPath path);
 // The kernel's full name, e.g. "bf16_attention_8x32__avx512_bf16".
@@ -47,9 +47,8 @@ std::optional<AttentionPath> parse_attention_path(const std::string& name);
 std::string attention_path_unavailable_reason(AttentionPath path);
 std::vector<AttentionPath> all_attention_paths();
 std::vector<AttentionPath> available_attention_paths();
-// The attention path of a linear-kernel ISA level, which FASTONNX_ISA names: ref and avx2 ->
-// ref (there is no AVX2 attention kernel), avx512_vnni -> avx512_attention_path(), amx ->
-// amx_bf16.
+// The attention path of a linear-kernel ISA level, which FASTONNX_ISA names: ref -> ref, avx2 ->
+// avx2_f32, avx512_vnni -> avx512_attention_path(), amx -> amx_bf16.
 AttentionPath attention_path_for_isa(Isa isa);
 // The faster AVX-512 path on this CPU: avx512_f32 on Intel (bf16 dot products at half the
 // fp32 rate), avx512_bf16 elsewhere.
@@ -100,6 +99,7 @@ struct Task {
 };
 Task task_of(const AttentionArgs& args, int64_t task);
 void head_ref(const AttentionArgs& args, const Task& t);
+void head_avx2_f32(const AttentionArgs& args, const Task& t);
 void head_avx512_f32(const AttentionArgs& args, const Task& t);
 void head_avx512_bf16(const AttentionArgs& args, const Task& t);
 void head_amx_bf16(const AttentionArgs& args, const Task& t);

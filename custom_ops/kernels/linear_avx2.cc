@@ -9,10 +9,9 @@
 #include <cstring>
 
 #include "aligned_buffer.h"
+#include "avx2_common.h"
 #include "linear.h"
 #include "sparse_groups.h"
-
-#define FASTONNX_AVX2 __attribute__((target("avx2,fma")))
 
 namespace fastonnx {
 namespace {
@@ -150,6 +149,10 @@ class LinearAvx2 final : public LinearKernel {
                const Epilogue& epi) const override {
     gemm_block(reinterpret_cast<const int16_t*>(layout), m, padded_rows(m), block, column, epi);
   }
+  void quantize_rows(const float* x, int64_t rows, bool per_tensor, float x_scale, uint8_t x_zp,
+                     float* row_scale, int32_t* row_zp, uint8_t* out) const override {
+    avx2::quantize_rows(x, rows, k(), per_tensor, x_scale, x_zp, row_scale, row_zp, out);
+  }
 
  private:
   static int64_t padded_rows(int64_t m) { return (m + kTileRows - 1) / kTileRows * kTileRows; }
@@ -157,18 +160,61 @@ class LinearAvx2 final : public LinearKernel {
     return std::min(kMaxTiles, (mp - b * kBlockRows) / kTileRows);
   }
 
-  void pack_block(const uint8_t* xq, int64_t m, int64_t mp, int64_t b, int16_t* packed) const {
+  // In int32 units (pairs of int16), pair p = 2g + h of row 8t + r goes to ((g*T + t)*2 + h)*8
+  // + r: for 8 rows and 8 pairs (16 features) that is an 8x8 transpose of the rows' widened
+  // bytes, each output vector one pair of all 8 rows.
+  FASTONNX_AVX2 void pack_block(const uint8_t* xq, int64_t m, int64_t mp, int64_t b,
+                                int16_t* packed) const {
     const int64_t k = this->k(), kp = groups_along_k_ * 4, T = tiles_in_block(mp, b);
     int16_t* dst = packed + b * kBlockRows * kp;
-    std::memset(dst, 0, size_t(T * kTileRows * kp) * sizeof(int16_t));  // padding rows and K
-    const int64_t r1 = std::min(m, b * kBlockRows + T * kTileRows);
-    for (int64_t row = b * kBlockRows; row < r1; ++row) {
-      const int64_t local = row - b * kBlockRows, t = local / kTileRows, r = local % kTileRows;
-      const uint8_t* src = xq + row * k;
-      for (int64_t i = 0; i < k; ++i) {
-        const int64_t g = i / 4, h = (i % 4) / 2;
-        dst[((g * T + t) * 2 + h) * 16 + r * 2 + (i % 2)] = src[i];
+    int32_t* dst32 = reinterpret_cast<int32_t*>(dst);
+    const int64_t k16 = k / 16 * 16;
+    alignas(32) uint8_t row_bytes[kTileRows][16];
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t row0 = b * kBlockRows + t * kTileRows;
+      const int64_t live = std::clamp<int64_t>(m - row0, 0, kTileRows);  // rows past M: zero
+      for (int64_t i0 = 0; i0 < kp; i0 += 16) {
+        __m256i v[kTileRows];
+        for (int64_t r = 0; r < kTileRows; ++r) {
+          const uint8_t* src = xq + (row0 + r) * k + i0;
+          __m128i bytes;
+          if (r >= live) {
+            bytes = _mm_setzero_si128();
+          } else if (i0 < k16) {
+            bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+          } else {  // the K tail, zero padded to the group
+            std::memset(row_bytes[r], 0, 16);
+            std::memcpy(row_bytes[r], src, size_t(k - i0));
+            bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(row_bytes[r]));
+          }
+          v[r] = _mm256_cvtepu8_epi16(bytes);  // 8 int32 pairs of row r
+        }
+        transpose8x8(v);  // v[p] = pair i0/2 + p of the 8 rows
+        const int64_t pairs = std::min<int64_t>(8, (kp - i0) / 2);
+        for (int64_t p = 0; p < pairs; ++p) {
+          const int64_t pair = i0 / 2 + p, g = pair / 2, h = pair % 2;
+          _mm256_store_si256(reinterpret_cast<__m256i*>(dst32 + ((g * T + t) * 2 + h) * 8), v[p]);
+        }
       }
+    }
+  }
+
+  FASTONNX_AVX2 static void transpose8x8(__m256i* v) {
+    __m256 r[8], u[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_castsi256_ps(v[i]);
+    for (int i = 0; i < 8; i += 2) {
+      u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+      u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+      r[i] = _mm256_shuffle_ps(u[i], u[i + 2], 0x44);
+      r[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], 0xEE);
+      r[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0x44);
+      r[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_castps_si256(_mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+      v[i + 4] = _mm256_castps_si256(_mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
     }
   }
 

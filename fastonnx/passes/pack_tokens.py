@@ -230,6 +230,21 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
     return None if tensor is None else tensor.numpy()
 
 
+def _weight_rank(value: ir.Value | None) -> int | None:
+    """The rank of a MatMul weight that is a constant, or ORT int8's DequantizeLinear of
+    constants (the weight of a layer left on ORT's QDQ path); None for anything else."""
+    c = _const(value)
+    if c is not None:
+        return c.ndim
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+        return None
+    q = _const(node.inputs[0])
+    if q is None or any(v is not None and _const(v) is None for v in node.inputs[1:]):
+        return None
+    return q.ndim
+
+
 def _token_broadcast(value: ir.Value) -> str | None:
     """None when a constant operand broadcasts over the last axis only."""
     c = _const(value)
@@ -304,8 +319,8 @@ def _per_token_problem(node: ir.Node, region: set[int], mask: ir.Value) -> str |
                     return problem
         return None
     if op == ("", "MatMul"):
-        w = _const(ins[1]) if len(ins) > 1 else None
-        return None if w is not None and w.ndim == 2 else "its B is not a constant 2-D weight"
+        rank = _weight_rank(ins[1]) if len(ins) > 1 else None
+        return None if rank == 2 else "its B is not a constant 2-D weight"
     if op[0] == "" and op[1] in ("QuantizeLinear", "DequantizeLinear"):
         for v in ins[1:]:
             c = _const(v)

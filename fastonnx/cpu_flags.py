@@ -1,0 +1,33 @@
+"""What this CPU can do, from /proc/cpuinfo, for decisions that do not need the native build."""
+
+from __future__ import annotations
+
+import functools
+import platform
+
+# Any of these gives ORT's x86 int8 GEMM an exact u8 x s8 dot product (vpdpbusd or tdpbusd).
+_EXACT_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """The first CPU's feature flags; None where /proc/cpuinfo cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return None
+
+
+def ort_int8_saturates() -> bool:
+    """Whether ORT's u8 x s8 GEMM on this CPU uses vpmaddubsw, whose int16 pair sums saturate
+    (x86 without VNNI or AMX). An x86 CPU whose flags cannot be read counts as saturating: 7-bit
+    weights cost a little accuracy, a saturated sum can cost a lot."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    flags = cpu_flags()
+    return flags is None or not (flags & _EXACT_INT8_FLAGS)
