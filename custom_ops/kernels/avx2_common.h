@@ -27,6 +27,12 @@ FASTONNX_AVX2 static inline __m256 non_finite(__m256 v) {
   return _mm256_cmp_ps(_mm256_mul_ps(v, _mm256_setzero_ps()), _mm256_setzero_ps(), _CMP_NEQ_UQ);
 }
 
+FASTONNX_AVX2 static inline float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
 FASTONNX_AVX2 static inline float hmin(__m256 v) {
   __m128 x = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_min_ps(x, _mm_movehl_ps(x, x));

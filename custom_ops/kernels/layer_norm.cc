@@ -32,12 +32,14 @@ void run_layer_norm(const LayerNormArgs& args, Isa isa, const Runner& runner) {
   if (!args.y || !args.yq || !args.row_scale || !args.row_zero_point) {
     throw std::invalid_argument("LayerNorm: missing output buffer");
   }
-  const bool vector = layer_norm_uses_avx512(isa);
+  const bool avx512 = layer_norm_uses_avx512(isa), avx2 = isa == Isa::kAvx2;
   const int64_t tasks = (args.rows + kRowsPerTask - 1) / kRowsPerTask;
   auto task = [&](size_t t) {
     const int64_t r0 = int64_t(t) * kRowsPerTask, r1 = std::min(args.rows, r0 + kRowsPerTask);
-    if (vector) {
+    if (avx512) {
       layer_norm_detail::rows_avx512(args, r0, r1);
+    } else if (avx2) {
+      layer_norm_detail::rows_avx2(args, r0, r1);
     } else {
       layer_norm_detail::rows_ref(args, r0, r1);
     }

@@ -30,7 +30,8 @@ struct LayerNormArgs {
   uint8_t* row_zero_point = nullptr;  // [rows]
 };
 
-// The path a linear-kernel ISA level selects: AVX-512 from kAvx512Vnni up, else scalar.
+// The path a linear-kernel ISA level selects: AVX-512 from kAvx512Vnni up, AVX2 at kAvx2,
+// else scalar.
 bool layer_norm_uses_avx512(Isa isa);
 
 // Throws std::invalid_argument naming what is wrong in the inputs (sizes, epsilon): callers
@@ -41,8 +42,9 @@ void validate_layer_norm(const LayerNormArgs& args);
 void run_layer_norm(const LayerNormArgs& args, Isa isa, const Runner& runner);
 
 namespace layer_norm_detail {
-// Rows [r0, r1) on each path (the AVX-512 one in its own file).
+// Rows [r0, r1) on each path (the vector ones in their own files).
 void rows_ref(const LayerNormArgs& args, int64_t r0, int64_t r1);
+void rows_avx2(const LayerNormArgs& args, int64_t r0, int64_t r1);
 void rows_avx512(const LayerNormArgs& args, int64_t r0, int64_t r1);
 }  // namespace layer_norm_detail
 

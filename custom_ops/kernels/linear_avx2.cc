@@ -64,34 +64,31 @@ FASTONNX_AVX2 static inline __m256 gelu_ps(__m256 x) {
   return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(_mm256_set1_ps(1.f), erf));
 }
 
-// Vector epilogue of one row: acc[j * stride] for channels n0..n0+count (count <= 8 lanes
-// per step). Mirrors scalar::epilogue operation for operation.
-FASTONNX_AVX2 static void epilogue_row(const LinearKernel::Epilogue& e, int64_t row, int64_t n0,
-                                       int64_t count, const int32_t* acc) {
-  if (e.args == nullptr) {
-    std::memcpy(e.raw + row * e.n + n0, acc, size_t(count) * sizeof(int32_t));
+// Vector epilogue of one row: acc8 holds channels n0..n0+count (count <= 8). Mirrors
+// scalar::epilogue operation for operation; raw accumulators, uint8 outputs and short rows go
+// through it.
+FASTONNX_AVX2 static void epilogue8(const LinearKernel::Epilogue& e, int64_t row, int64_t n0,
+                                    int64_t count, __m256i acc8) {
+  if (e.args == nullptr || e.args->yq != nullptr || count < 8) {
+    alignas(32) int32_t acc[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(acc), acc8);
+    if (e.args == nullptr) {
+      std::memcpy(e.raw + row * e.n + n0, acc, size_t(count) * sizeof(int32_t));
+    } else {
+      scalar::epilogue(e, row, n0, count, acc);
+    }
     return;
   }
   const LinearArgs& a = *e.args;
-  const int64_t full = count / 8 * 8;
-  if (full == 0 || a.yq != nullptr) {  // short rows and uint8 outputs: the scalar epilogue
-    scalar::epilogue(e, row, n0, count, acc);
-    return;
-  }
+  const int64_t off = row * e.n + n0;
+  const __m256i wsum = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.wsum + n0));
+  const __m256i d = _mm256_sub_epi32(acc8, _mm256_mullo_epi32(_mm256_set1_epi32(e.row_zp[row]), wsum));
   const __m256 sx = _mm256_set1_ps(e.row_scale[row]);
-  const __m256i zp = _mm256_set1_epi32(e.row_zp[row]);
-  for (int64_t j = 0; j < full; j += 8) {
-    const int64_t n = n0 + j, off = row * e.n + n;
-    const __m256i acc8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + j));
-    const __m256i wsum = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.wsum + n));
-    const __m256i d = _mm256_sub_epi32(acc8, _mm256_mullo_epi32(zp, wsum));
-    __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(sx, _mm256_loadu_ps(e.wscale + n)));
-    if (a.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(a.bias + n));
-    if (a.activation == Activation::kGelu) y = gelu_ps(y);
-    if (a.residual) y = _mm256_add_ps(y, _mm256_loadu_ps(a.residual + off));
-    _mm256_storeu_ps(a.y + off, y);
-  }
-  if (full < count) scalar::epilogue(e, row, n0 + full, count - full, acc + full);
+  __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(sx, _mm256_loadu_ps(e.wscale + n0)));
+  if (a.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(a.bias + n0));
+  if (a.activation == Activation::kGelu) y = gelu_ps(y);
+  if (a.residual) y = _mm256_add_ps(y, _mm256_loadu_ps(a.residual + off));
+  _mm256_storeu_ps(a.y + off, y);
 }
 
 int32_t pair(int8_t lo, int8_t hi) {
@@ -225,15 +222,26 @@ class LinearAvx2 final : public LinearKernel {
     const int64_t n0 = chunk * kChannelsPerTask;
     const int64_t count = std::min(kChannelsPerTask, n() - n0);
     alignas(32) int32_t acc[kChannelsPerTask][kBlockRows];  // [n][m]
-    int32_t row_acc[kChannelsPerTask];
     for (int64_t j = 0; j < count; ++j) {
       kDot[T](xb, groups_.data() + row_ptr_[size_t(n0 + j)],
               groups_.data() + row_ptr_[size_t(n0 + j + 1)], acc[j]);
     }
+    // acc is [channel][row]: each 8 rows x 8 channels transposed to rows of 8 channels.
     const int64_t rows = std::min(T * kTileRows, m - b * kBlockRows);
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t j = 0; j < count; ++j) row_acc[j] = acc[j][r];
-      epilogue_row(epi, b * kBlockRows + r, n0, count, row_acc);
+    for (int64_t c0 = 0; c0 < count; c0 += 8) {
+      const int64_t lanes = std::min<int64_t>(8, count - c0);
+      for (int64_t t = 0; t * kTileRows < rows; ++t) {
+        __m256i v[8];
+        for (int64_t j = 0; j < 8; ++j) {
+          v[j] = j < lanes ? _mm256_load_si256(reinterpret_cast<const __m256i*>(acc[c0 + j] + t * 8))
+                           : _mm256_setzero_si256();
+        }
+        transpose8x8(v);
+        const int64_t tile_rows = std::min(kTileRows, rows - t * kTileRows);
+        for (int64_t r = 0; r < tile_rows; ++r) {
+          epilogue8(epi, b * kBlockRows + t * kTileRows + r, n0 + c0, lanes, v[r]);
+        }
+      }
     }
   }
 
