@@ -147,22 +147,16 @@ def test_every_attention_path(encoder_exports, isa, monkeypatch):
     assert_packed_matches(got, want, feeds["attention_mask"], f"FASTONNX_ISA={isa}")
 
 
-def test_layers_left_on_ort_int8_are_packed_too(encoder_exports):
-    """Where no layer is lowered (AVX2 CPUs keep dense layers on ORT's int8), the QDQ MatMuls
-    (weight = DequantizeLinear of constants) run on packed tokens as well."""
+def test_layers_left_on_ort_int8_keep_the_model_padded(encoder_exports):
+    """A layer kept on ORT's QDQ int8 path (AVX2 CPUs keep dense ones there) would run as a float
+    Gemm on 2-D packed tokens: packing is not applied, and the report says why."""
     exported = encoder_exports.get(COMBOS[0])
-    kwargs = dict(preset="sparse-int8", min_sparsity=1.0, num_samples=2)
-    padded = optimizer.optimize(exported.path, packing=False, **kwargs).model
-    result = optimizer.optimize(exported.path, **kwargs)
-    assert result.report.details("pack_tokens").applied, result.report.notes
-    ops = Counter(n.op_type for n in result.model.graph)
-    assert ops["SparseLinear"] == 0 and ops["MatMul"] > 0 and ops["PackTokens"] == 1
-    data, packed = (ir.serde.serialize_model(m).SerializeToString() for m in (padded, result.model))
-    for pattern in PATTERNS:
-        feeds = feeds_for(exported.input_names, exported.pad_token_id, pattern, 3, 13, seed=5)
-        want = fastonnx.make_session(data, 1).run(None, feeds)[0]
-        got = fastonnx.make_session(packed, 1).run(None, feeds)[0]
-        assert_packed_matches(got, want, feeds["attention_mask"], f"ORT int8 pattern={pattern}")
+    result = optimizer.optimize(
+        exported.path, preset="sparse-int8", min_sparsity=1.0, num_samples=2
+    )
+    report = result.report.details("pack_tokens")
+    assert not report.applied and "kept on ORT's int8 path" in report.reason, report.reason
+    assert Counter(n.op_type for n in result.model.graph)["PackTokens"] == 0
 
 
 def test_optimize_packs_by_default_and_says_so(encoder_exports):
