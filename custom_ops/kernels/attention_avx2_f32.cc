@@ -7,16 +7,13 @@
 //   3. an fp32 softmax per row (mask added in log2 units, max subtracted);
 //   4. P V with V rows read in place, 6 rows x 16 features per step.
 // A row whose kept keys are all skipped gets the mean of V over all S keys (attention.h).
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
 #include "aligned_buffer.h"
 #include "attention.h"
-
-#define FASTONNX_AVX2 __attribute__((target("avx2,fma")))
+#include "avx2_common.h"
 
 namespace fastonnx::attention_detail {
 namespace {
@@ -35,12 +32,6 @@ struct Buffers {
 };
 thread_local Buffers tls;
 
-// Lane masks for maskload/maskstore of the first n (0..8) floats.
-FASTONNX_AVX2 inline __m256i first_lanes(int64_t n) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(std::clamp<int64_t>(n, 0, 8))), lane);
-}
-
 // 2^z: exactly 0 for z < -126 (and -inf); NaN stays NaN. Degree-5 Taylor polynomial of 2^f on
 // f in [-1/2, 1/2] (relative error <= 2.4e-6), scaled by 2^round(z) in the exponent bits.
 // Callers pass z <= 0 (scores minus their row maximum).
@@ -57,18 +48,6 @@ FASTONNX_AVX2 inline __m256 exp2_nonpositive(__m256 z) {
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_and_ps(live, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
-}
-
-FASTONNX_AVX2 inline float reduce_add(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-}
-
-FASTONNX_AVX2 inline float reduce_max(__m256 v) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
 }
 
 // Mean of V over all S keys (the output of a row whose keys are all skipped) into out[0..h).
@@ -118,7 +97,7 @@ FASTONNX_AVX2 void score_block(const float* qs, int64_t h, const float* kt, int6
 FASTONNX_AVX2 void pv_block(const float* p, int64_t tcp, const Task& t, const int32_t* idx,
                             int64_t tc, int64_t stride, int64_t h0, int64_t h, const float* inv,
                             const bool* skip, float* y, int64_t d) {
-  const __m256i m0 = first_lanes(h - h0), m1 = first_lanes(h - h0 - 8);
+  const __m256i m0 = avx2::first_lanes(h - h0), m1 = avx2::first_lanes(h - h0 - 8);
   const bool full = h - h0 >= kFeatures;
   __m256 acc[kRows][2];
   for (auto& row : acc) row[0] = row[1] = _mm256_setzero_ps();
@@ -217,7 +196,7 @@ FASTONNX_AVX2 void head_avx2_f32(const AttentionArgs& a, const Task& t) {
         vmax = _mm256_max_ps(v, vmax);  // NaN scores are left out of the max, kept in p
         vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
       }
-      const float max = reduce_max(vmax);
+      const float max = avx2::hmax(vmax);
       if (max == -INFINITY && _mm256_movemask_ps(vnan) != 0) {  // only NaN scores: a NaN row
         std::fill(t.y + (s0 + r) * d, t.y + (s0 + r) * d + h, NAN);
         std::fill(p, p + tcp, 0.f);
@@ -239,7 +218,7 @@ FASTONNX_AVX2 void head_avx2_f32(const AttentionArgs& a, const Task& t) {
         vsum = _mm256_add_ps(vsum, e);
         _mm256_store_ps(p + j, e);
       }
-      inv[r] = 1.f / reduce_add(vsum);
+      inv[r] = 1.f / avx2::hsum(vsum);
       if (t.key_scores) {
         const __m256 s = _mm256_set1_ps(inv[r]);
         for (int64_t j = 0; j < tcp; j += 8) {
