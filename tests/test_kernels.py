@@ -25,7 +25,8 @@ ALL_ISAS = _native.all_isas()
 KERNELS = {k["name"]: k for k in _native.kernels()}
 BLOCKS = [tuple(b) for b in _native.supported_block_shapes()]
 # (M, K, N): tiny, ragged against every width the paths use (4-byte groups, 8/16-row tiles,
-# 16-channel tasks, 64-byte AMX tiles, 512-byte K chunks), and real encoder shapes.
+# 16-channel tasks, 64-byte AMX tiles, 512-byte K chunks, 384-feature K slices), and real
+# encoder shapes.
 SHAPES = [
     (1, 1, 1),
     (1, 4, 1),
@@ -36,6 +37,7 @@ SHAPES = [
     (65, 384, 100),
     (130, 200, 48),
     (33, 1030, 20),
+    (40, 3077, 24),  # many K slices of the AVX2 path, a ragged last one
     (128, 384, 1152),
 ]
 SPARSITIES = [0.0, 0.5, 0.9, 1.0]

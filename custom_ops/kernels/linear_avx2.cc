@@ -20,6 +20,13 @@ constexpr int64_t kTileRows = 8;
 constexpr int64_t kMaxTiles = 4;
 constexpr int64_t kBlockRows = kTileRows * kMaxTiles;
 constexpr int64_t kChannelsPerTask = 16;
+// Wide layers walk K in slices of this many groups (384 features: 32 rows x 384 int16 = 24 KiB,
+// in L1), each slice for all of a task's channels, instead of each channel's whole K against a
+// block read from L2. Measured side by side on an AMD EPYC Zen 3: 1.13-1.92x faster at K = 1536
+// and 3072 with 70-85% zero groups, 0.9x at 90% (about 10 groups per channel and slice: the
+// per-call cost wins) and no gain at K = 768; hence only for K > 768 and denser weights.
+constexpr int64_t kSliceGroups = 96;
+constexpr double kSliceMinDensity = 0.15;
 
 struct Group {
   uint32_t kg;
@@ -100,7 +107,7 @@ template <int T>
 FASTONNX_AVX2 static void dot_channel(const int16_t* xb, const Group* g, const Group* end,
                                       int32_t* out) {
   __m256i acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_load_si256(reinterpret_cast<const __m256i*>(out + t * 8));
   for (; g < end; ++g) {
     const __m256i w01 = _mm256_set1_epi32(g->w01), w23 = _mm256_set1_epi32(g->w23);
     const int16_t* p = xb + size_t{g->kg} * (T * 32);
@@ -129,6 +136,23 @@ class LinearAvx2 final : public LinearKernel {
     for (size_t i = 0; i < rg.kg.size(); ++i) {
       const auto& w = rg.w[i];
       groups_[i] = Group{rg.kg[i], pair(w[0], w[1]), pair(w[2], w[3])};
+    }
+    // Each channel's groups in K order (int32 sums do not depend on the order), then where each
+    // K slice starts in them.
+    const double density = double(rg.kg.size()) / double(std::max<int64_t>(1, n() * groups_along_k_));
+    const bool sliced = groups_along_k_ > 2 * kSliceGroups && density >= kSliceMinDensity;
+    const int64_t slice_groups = sliced ? kSliceGroups : std::max<int64_t>(1, groups_along_k_);
+    slices_ = (groups_along_k_ + slice_groups - 1) / slice_groups;
+    slice_ptr_.resize(size_t(n() * (slices_ + 1)));
+    for (int64_t c = 0; c < n(); ++c) {
+      Group* first = groups_.data() + row_ptr_[size_t(c)];
+      Group* last = groups_.data() + row_ptr_[size_t(c + 1)];
+      std::sort(first, last, [](const Group& x, const Group& y) { return x.kg < y.kg; });
+      for (int64_t q = 0; q <= slices_; ++q) {
+        const Group* at = std::lower_bound(first, last, uint32_t(q * slice_groups),
+                                           [](const Group& x, uint32_t kg) { return x.kg < kg; });
+        slice_ptr_[size_t(c * (slices_ + 1) + q)] = uint32_t(at - groups_.data());
+      }
     }
   }
   Isa isa() const override { return Isa::kAvx2; }
@@ -222,9 +246,12 @@ class LinearAvx2 final : public LinearKernel {
     const int64_t n0 = chunk * kChannelsPerTask;
     const int64_t count = std::min(kChannelsPerTask, n() - n0);
     alignas(32) int32_t acc[kChannelsPerTask][kBlockRows];  // [n][m]
-    for (int64_t j = 0; j < count; ++j) {
-      kDot[T](xb, groups_.data() + row_ptr_[size_t(n0 + j)],
-              groups_.data() + row_ptr_[size_t(n0 + j + 1)], acc[j]);
+    for (int64_t j = 0; j < count; ++j) std::memset(acc[j], 0, size_t(T * kTileRows) * 4);
+    for (int64_t q = 0; q < slices_; ++q) {
+      for (int64_t j = 0; j < count; ++j) {
+        const uint32_t* at = slice_ptr_.data() + (n0 + j) * (slices_ + 1) + q;
+        if (at[0] < at[1]) kDot[T](xb, groups_.data() + at[0], groups_.data() + at[1], acc[j]);
+      }
     }
     // acc is [channel][row]: each 8 rows x 8 channels transposed to rows of 8 channels.
     const int64_t rows = std::min(T * kTileRows, m - b * kBlockRows);
@@ -247,6 +274,8 @@ class LinearAvx2 final : public LinearKernel {
 
   int64_t groups_along_k_;
   std::vector<uint32_t> row_ptr_;
+  int64_t slices_ = 1;
+  std::vector<uint32_t> slice_ptr_;  // [n][slices_ + 1]: channel c's groups of slice q start here
   AlignedBuffer<Group> groups_;
 };
 
