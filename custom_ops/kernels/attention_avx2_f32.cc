@@ -93,18 +93,17 @@ FASTONNX_AVX2 void score_block(const float* qs, int64_t h, const float* kt, int6
   }
 }
 
-// y rows [kRows] x features [h0, h0 + 16) = inv[r] * sum_j p[r][j] V[idx[j]], rows not skipped.
-FASTONNX_AVX2 void pv_block(const float* p, int64_t tcp, const Task& t, const int32_t* idx,
-                            int64_t tc, int64_t stride, int64_t h0, int64_t h, const float* inv,
-                            const bool* skip, float* y, int64_t d) {
+// y rows [kRows] x features [h0, h0 + 16) = inv[r] * sum_j p[r][j] V[j], rows not skipped;
+// vc holds the kept keys' V rows contiguously, zero padded to h16 features.
+FASTONNX_AVX2 void pv_block(const float* p, int64_t tcp, const float* vc, int64_t h16, int64_t tc,
+                            int64_t h0, int64_t h, const float* inv, const bool* skip, float* y,
+                            int64_t d) {
   const __m256i m0 = avx2::first_lanes(h - h0), m1 = avx2::first_lanes(h - h0 - 8);
-  const bool full = h - h0 >= kFeatures;
   __m256 acc[kRows][2];
   for (auto& row : acc) row[0] = row[1] = _mm256_setzero_ps();
   for (int64_t j = 0; j < tc; ++j) {
-    const float* v = t.v + int64_t(idx[j]) * stride + h0;
-    const __m256 v0 = full ? _mm256_loadu_ps(v) : _mm256_maskload_ps(v, m0);
-    const __m256 v1 = full ? _mm256_loadu_ps(v + 8) : _mm256_maskload_ps(v + 8, m1);
+    const float* v = vc + j * h16 + h0;
+    const __m256 v0 = _mm256_load_ps(v), v1 = _mm256_load_ps(v + 8);
     for (int64_t r = 0; r < kRows; ++r) {
       const __m256 pr = _mm256_broadcast_ss(p + r * tcp + j);
       acc[r][0] = _mm256_fmadd_ps(pr, v0, acc[r][0]);
@@ -128,8 +127,9 @@ FASTONNX_AVX2 void head_avx2_f32(const AttentionArgs& a, const Task& t) {
   const int64_t sp = round_up(s_len, kKeys);
 
   // Buffers: idx [sp]; K^T [h][sp]; qs [kRows][h]; scores and probabilities [kRows][sp]; the
-  // mask row [sp]; key scores [sp]; mean of V [h].
-  const size_t floats = size_t(h * sp + kRows * h + 2 * kRows * sp + 2 * sp + h + 64);
+  // mask row [sp]; key scores [sp]; mean of V [h]; the kept V rows [sp][h16].
+  const int64_t h16 = round_up(h, kFeatures);
+  const size_t floats = size_t(h * sp + kRows * h + 2 * kRows * sp + 2 * sp + h + sp * h16 + 128);
   if (tls.f.size() < floats) tls.f = AlignedBuffer<float>(floats);
   if (tls.idx.size() < size_t(sp)) tls.idx = AlignedBuffer<int32_t>(size_t(sp));
   int32_t* idx = tls.idx.data();
@@ -140,6 +140,7 @@ FASTONNX_AVX2 void head_avx2_f32(const AttentionArgs& a, const Task& t) {
   float* mrow = pf + kRows * sp;
   float* ks = mrow + sp;
   float* vmean = ks + sp;
+  float* vc = vmean + round_up(h, 16);
 
   // 1. Kept keys: those whose mask is above the skip threshold for some query (NaN kept).
   int64_t tc = 0;
@@ -159,11 +160,17 @@ FASTONNX_AVX2 void head_avx2_f32(const AttentionArgs& a, const Task& t) {
     return;
   }
   const int64_t tcp = round_up(tc, kKeys);
-  for (int64_t i = 0; i < h; ++i) {
-    float* row = kt + i * tcp;
-    for (int64_t j = 0; j < tc; ++j) row[j] = t.k[int64_t(idx[j]) * stride + i];
-    std::fill(row + tc, row + tcp, 0.f);
+  // K^T and the V rows, each kept key's rows read once in order: Q, K and V rows lie a token
+  // stride apart (3D floats when packed), so walking one feature over all keys, or reading V
+  // in place for every query block, keeps hitting the same few L1 sets.
+  for (int64_t j = 0; j < tc; ++j) {
+    const float* kr = t.k + int64_t(idx[j]) * stride;
+    const float* vr = t.v + int64_t(idx[j]) * stride;
+    for (int64_t i = 0; i < h; ++i) kt[i * tcp + j] = kr[i];
+    std::memcpy(vc + j * h16, vr, size_t(h) * 4);
+    std::fill(vc + j * h16 + h, vc + (j + 1) * h16, 0.f);
   }
+  for (int64_t i = 0; i < h; ++i) std::fill(kt + i * tcp + tc, kt + (i + 1) * tcp, 0.f);
   const bool per_row_mask = t.mask != nullptr && t.mask_row_stride != 0;
   if (!per_row_mask) gather_mask(t.mask, idx, tc, tcp, mrow);
   if (t.key_scores) std::fill(ks, ks + tcp, 0.f);
@@ -229,7 +236,7 @@ FASTONNX_AVX2 void head_avx2_f32(const AttentionArgs& a, const Task& t) {
     // 4. P V.
     float* y = t.y + s0 * d;
     for (int64_t h0 = 0; h0 < h; h0 += kFeatures) {
-      pv_block(pf, tcp, t, idx, tc, stride, h0, h, inv, skip, y, d);
+      pv_block(pf, tcp, vc, h16, tc, h0, h, inv, skip, y, d);
     }
   }
   if (t.key_scores) {
