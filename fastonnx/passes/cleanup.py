@@ -84,6 +84,12 @@ def same_dim(a: Dim | None, b: Dim | None) -> bool:
     return a is not None and b is not None and a == b
 
 
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's array when it is a constant (initializer or Constant output), else None."""
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    return None if tensor is None else tensor.numpy()
+
+
 def const_ints(value: ir.Value | None) -> list[int] | None:
     """The value as a flat list of ints when it is a constant integer tensor, else None."""
     if value is None:

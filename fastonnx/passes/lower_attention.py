@@ -30,7 +30,7 @@ import onnx_ir.passes.common as common_passes
 from onnxscript.rewriter import pattern
 
 from fastonnx.passes.base import Pass, Report, Skip
-from fastonnx.passes.cleanup import const_scalar, same_dim
+from fastonnx.passes.cleanup import const_array, const_scalar, same_dim
 from fastonnx.runtime import OP_DOMAIN
 
 MS_DOMAIN = "com.microsoft"
@@ -203,11 +203,6 @@ class _Merge:
     block: tuple[int, int]
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
-    return None if tensor is None else tensor.numpy()
-
-
 def plan_qkv_merge(attention: ir.Node) -> _Merge | str:
     """The three projections of an Attention node to merge, or why they cannot be."""
     from fastonnx import _native
@@ -243,13 +238,13 @@ def plan_qkv_merge(attention: ir.Node) -> _Merge | str:
             return f"{node.name} adds a residual"
         if node.attributes.get_string("activation", "none") not in ("none", ""):
             return f"{node.name} has an activation"
-        blob = _const(s[1])
+        blob = const_array(s[1])
         if blob is None:
             return f"{node.name}'s packed weight is not a constant"
         w, scale, block = _native.unpack_weight(blob)
         weights.append((w, scale))
         blocks.add(tuple(block))
-        bias = None if s[2] is None else _const(s[2])
+        bias = None if s[2] is None else const_array(s[2])
         if s[2] is not None and bias is None:
             return f"{node.name}'s bias is not a constant"
         biases.append(bias)

@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from fastonnx.passes.base import Pass, Report, Skip
-from fastonnx.passes.cleanup import replace_value
+from fastonnx.passes.cleanup import const_array, replace_value
 from fastonnx.runtime import OP_DOMAIN
 
 
@@ -76,13 +76,6 @@ class _Match:
     folded: tuple[ir.Node, ...]  # nodes after the MatMul that fold into the op
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
-
-
 def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
     node = value.producer() if value is not None else None
     if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx"):
@@ -103,13 +96,13 @@ def _match_weight(node: ir.Node) -> tuple[np.ndarray, np.ndarray] | str:
     if dq is None:
         return "weight is not a DequantizeLinear of an int8 constant (run the int8 preset first)"
     wq, scale, zero_point = (list(dq.inputs) + [None, None])[:3]
-    w = _const(wq)
-    s = _const(scale)
+    w = const_array(wq)
+    s = const_array(scale)
     if w is None or s is None:
         return "quantized weight or its scale is not a constant"
     if w.dtype != np.int8 or w.ndim != 2:
         return f"weight is {w.dtype} with {w.ndim} dims; SparseLinear takes a 2-D int8 weight"
-    zp = _const(zero_point)
+    zp = const_array(zero_point)
     if zp is not None and np.any(zp != 0):
         return "weight zero point is not 0 (SparseLinear takes symmetric weights)"
     transposed = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
@@ -130,7 +123,7 @@ def _match_input(node: ir.Node) -> tuple[ir.Value, ir.Value | None, ir.Value | N
     if dq is None:
         return (x, None, None)  # float X: the op quantizes it dynamically per row
     xq, scale, zero_point = (list(dq.inputs) + [None, None])[:3]
-    s, zp = _const(scale), _const(zero_point)
+    s, zp = const_array(scale), const_array(zero_point)
     if s is None or s.size != 1:
         return "activation scale is not a constant scalar"
     if zp is not None and (zp.size != 1 or zp.dtype != np.uint8):
@@ -161,19 +154,19 @@ def _match_epilogue(node: ir.Node, n: int):
     gelu = False
     folded: list[ir.Node] = []
     if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
-        bias = _const(node.inputs[2])
+        bias = const_array(node.inputs[2])
         if bias is None or bias.size != n:
             return "Gemm bias is not a constant of N values"
     consumer = _sole_consumer(y)
     if bias is None and consumer is not None and consumer.op_type == "Add":
         other = consumer.inputs[1] if consumer.inputs[0] is y else consumer.inputs[0]
-        b = _const(other)
+        b = const_array(other)
         if b is not None and b.size == n and b.shape[-1] == n:
             bias, y = b.reshape(n), consumer.outputs[0]
             folded.append(consumer)
             consumer = _sole_consumer(y)
     if consumer is not None and consumer.op_type == "BiasGelu" and bias is None:
-        b = _const(consumer.inputs[1])
+        b = const_array(consumer.inputs[1])
         if b is not None and b.size == n and consumer.inputs[0] is y:
             bias, gelu, y = b.reshape(n), True, consumer.outputs[0]
             folded.append(consumer)
@@ -188,7 +181,7 @@ def _match_epilogue(node: ir.Node, n: int):
         other = consumer.inputs[1] if consumer.inputs[0] is y else consumer.inputs[0]
         out = consumer.outputs[0]
         if (
-            _const(other) is None
+            const_array(other) is None
             and other.dtype == ir.DataType.FLOAT
             and _same_shape(other, y)
             and _same_shape(out, y)

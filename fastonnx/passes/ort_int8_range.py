@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from fastonnx.cpu_flags import ort_int8_saturates
 from fastonnx.passes.base import Pass, Report, Skip
+from fastonnx.passes.cleanup import const_array
 
 _QMAX_7BIT = 63
 
@@ -37,11 +38,6 @@ class OrtInt8RangeReport(Report):
         return {"weights re-quantized to 7 bits": len(self.reduced)}
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
-    return None if tensor is None else tensor.numpy()
-
-
 def _weight_dequantize(node: ir.Node) -> ir.Node | None:
     """The DequantizeLinear of an int8 constant that is ``node``'s weight (input 1), if any."""
     if len(node.inputs) < 2 or node.inputs[1] is None:
@@ -49,7 +45,7 @@ def _weight_dequantize(node: ir.Node) -> ir.Node | None:
     dq = node.inputs[1].producer()
     if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
         return None
-    q = _const(dq.inputs[0])
+    q = const_array(dq.inputs[0])
     return dq if q is not None and q.dtype == np.int8 and q.ndim == 2 else None
 
 
@@ -59,8 +55,8 @@ def reduce_weight(dq: ir.Node) -> bool:
     from fastonnx.passes.quantize_qdq import quantize_weight
 
     q_value, s_value = dq.inputs[0], dq.inputs[1]
-    q, scale = _const(q_value), _const(s_value)
-    zp = _const(dq.inputs[2]) if len(dq.inputs) > 2 else None
+    q, scale = const_array(q_value), const_array(s_value)
+    zp = const_array(dq.inputs[2]) if len(dq.inputs) > 2 else None
     if scale is None or (zp is not None and np.any(zp != 0)):
         return False
     if int(np.abs(q.astype(np.int16)).max(initial=0)) <= _QMAX_7BIT:

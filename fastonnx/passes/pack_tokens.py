@@ -36,7 +36,7 @@ import onnx_ir.passes.common as common_passes
 from onnx import helper
 
 from fastonnx.passes.base import Pass, Report
-from fastonnx.passes.cleanup import same_dim
+from fastonnx.passes.cleanup import const_array, same_dim
 from fastonnx.runtime import OP_DOMAIN
 
 MS_DOMAIN = "com.microsoft"
@@ -225,11 +225,6 @@ def check_padding_mask(model: ir.Model, mask: ir.Value) -> tuple[ir.Value, str] 
 # The region
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
-    return None if tensor is None else tensor.numpy()
-
-
 def _is_ort_int8_weight(value: ir.Value | None) -> bool:
     """Whether a MatMul weight is a DequantizeLinear of a constant (a layer left on ORT's QDQ
     int8 path)."""
@@ -238,13 +233,13 @@ def _is_ort_int8_weight(value: ir.Value | None) -> bool:
         node is not None
         and node.op_type == "DequantizeLinear"
         and node.domain in ("", "ai.onnx")
-        and _const(node.inputs[0]) is not None
+        and const_array(node.inputs[0]) is not None
     )
 
 
 def _token_broadcast(value: ir.Value) -> str | None:
     """None when a constant operand broadcasts over the last axis only."""
-    c = _const(value)
+    c = const_array(value)
     if c is None:
         return f"'{value.name}' is neither on packed tokens nor a constant"
     if c.ndim >= 2 and any(d != 1 for d in c.shape[:-1]):
@@ -263,7 +258,7 @@ def _per_token_problem(node: ir.Node, region: set[int], mask: ir.Value) -> str |
 
     def consts(slots: Iterable[int]) -> str | None:
         for i in slots:
-            if i < len(ins) and ins[i] is not None and _const(ins[i]) is None:
+            if i < len(ins) and ins[i] is not None and const_array(ins[i]) is None:
                 return f"input {i} '{ins[i].name}' is not a constant"
         return None
 
@@ -316,7 +311,7 @@ def _per_token_problem(node: ir.Node, region: set[int], mask: ir.Value) -> str |
                     return problem
         return None
     if op == ("", "MatMul"):
-        w = _const(ins[1]) if len(ins) > 1 else None
+        w = const_array(ins[1]) if len(ins) > 1 else None
         if w is not None and w.ndim == 2:
             return None
         if len(ins) > 1 and _is_ort_int8_weight(ins[1]):
@@ -329,7 +324,7 @@ def _per_token_problem(node: ir.Node, region: set[int], mask: ir.Value) -> str |
         return "its B is not a constant 2-D weight"
     if op[0] == "" and op[1] in ("QuantizeLinear", "DequantizeLinear"):
         for v in ins[1:]:
-            c = _const(v)
+            c = const_array(v)
             if v is not None and (c is None or c.size != 1):
                 return "its scale/zero point is not a per-tensor constant"
         return None
@@ -342,10 +337,11 @@ def _reads_positions(node: ir.Node, index: int) -> bool:
     if index != 0 or node.domain not in ("", "ai.onnx"):
         return False
     if node.op_type == "Gather":
-        return node.attributes.get_int("axis", 0) in (1, -2) and _const(node.inputs[1]) is not None
+        axis = node.attributes.get_int("axis", 0)
+        return axis in (1, -2) and const_array(node.inputs[1]) is not None
     if node.op_type == "Slice" and len(node.inputs) >= 4:
-        axes = _const(node.inputs[3])
-        consts = all(_const(v) is not None for v in node.inputs[1:] if v is not None)
+        axes = const_array(node.inputs[3])
+        consts = all(const_array(v) is not None for v in node.inputs[1:] if v is not None)
         return consts and axes is not None and set(axes.reshape(-1).tolist()) <= {1, -2}
     return False
 
@@ -518,7 +514,7 @@ def _apply(graph: ir.Graph, plan: _Plan) -> None:
     for node in plan.region:
         for i, v in enumerate(node.inputs):
             # Constants of rank >= 2 ([1, 1, D]) would broadcast [T, D] back to rank 3.
-            c = _const(v) if v is not None and v.producer() is None else None
+            c = const_array(v) if v is not None and v.producer() is None else None
             if c is not None and c.ndim >= 2 and node.op_type in _BINARY:
                 flat = ir.Value(name=f"{v.name}/per_token", const_value=ir.tensor(c.reshape(-1)))
                 graph.register_initializer(flat)
