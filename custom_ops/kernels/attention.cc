@@ -29,8 +29,8 @@ const char* attention_kernel_name(AttentionPath path) {
 }
 
 std::vector<AttentionPath> all_attention_paths() {
-  return {AttentionPath::kRef, AttentionPath::kAvx2F32, AttentionPath::kAvx512F32, AttentionPath::kAvx512Bf16,
-          AttentionPath::kAmxBf16};
+  return {AttentionPath::kRef, AttentionPath::kAvx2F32, AttentionPath::kAvx512F32,
+          AttentionPath::kAvx512Bf16, AttentionPath::kAmxBf16};
 }
 
 std::optional<AttentionPath> parse_attention_path(const std::string& name) {
@@ -44,7 +44,8 @@ std::string attention_path_unavailable_reason(AttentionPath path) {
   const CpuFeatures& f = cpu_features();
   switch (path) {
     case AttentionPath::kRef: return "";
-    case AttentionPath::kAvx2F32: return f.avx2 && f.fma ? "" : "this CPU (or OS) lacks AVX2 with FMA";
+    case AttentionPath::kAvx2F32:
+      return f.avx2 && f.fma ? "" : "this CPU (or OS) lacks AVX2 with FMA";
     // Shares the bf16 paths' helpers, compiled for the same target (it issues no bf16 op).
     case AttentionPath::kAvx512F32:
     case AttentionPath::kAvx512Bf16:

@@ -1,11 +1,12 @@
 // AVX2 fp32 path, for x86 CPUs without AVX-512 (Zen 2/3, client Intel cores): the avx512_f32
 // scheme with 8-float vectors. Per (batch, head) task:
 //   1. the keys some query attends to are gathered (skipped keys cost nothing and are never
-//      read), K transposed to K^T [H][tcp] (tcp: kept keys rounded up to 16, zero padded);
+//      read): K transposed to K^T [H][tcp] (tcp: kept keys rounded up to 16, zero padded) and
+//      their V rows copied contiguously;
 //   2. per block of 6 query rows, the scores against 16 keys at a time in 12 accumulators over
 //      H broadcast query values (scale and log2(e) folded into Q, so the softmax uses 2^x);
 //   3. an fp32 softmax per row (mask added in log2 units, max subtracted);
-//   4. P V with V rows read in place, 6 rows x 16 features per step.
+//   4. P V over the copied V rows, 6 rows x 16 features per step.
 // A row whose kept keys are all skipped gets the mean of V over all S keys (attention.h).
 #include <algorithm>
 #include <cmath>

@@ -11,7 +11,19 @@ namespace {
 constexpr int64_t kRowsPerTask = 16;
 }
 
-bool layer_norm_uses_avx512(Isa isa) { return isa >= Isa::kAvx512Vnni; }
+LayerNormPath layer_norm_path(Isa isa) {
+  if (isa >= Isa::kAvx512Vnni) return LayerNormPath::kAvx512;
+  return isa == Isa::kAvx2 ? LayerNormPath::kAvx2 : LayerNormPath::kScalar;
+}
+
+const char* layer_norm_path_name(LayerNormPath path) {
+  switch (path) {
+    case LayerNormPath::kScalar: return "scalar";
+    case LayerNormPath::kAvx2: return "avx2";
+    case LayerNormPath::kAvx512: return "avx512";
+  }
+  return "?";
+}
 
 void validate_layer_norm(const LayerNormArgs& a) {
   auto bad = [](const std::string& what) { throw std::invalid_argument("LayerNorm: " + what); };
@@ -32,17 +44,15 @@ void run_layer_norm(const LayerNormArgs& args, Isa isa, const Runner& runner) {
   if (!args.y || !args.yq || !args.row_scale || !args.row_zero_point) {
     throw std::invalid_argument("LayerNorm: missing output buffer");
   }
-  const bool avx512 = layer_norm_uses_avx512(isa), avx2 = isa == Isa::kAvx2;
+  using RowsFn = void (*)(const LayerNormArgs&, int64_t, int64_t);
+  const LayerNormPath path = layer_norm_path(isa);
+  const RowsFn rows = path == LayerNormPath::kAvx512 ? layer_norm_detail::rows_avx512
+                      : path == LayerNormPath::kAvx2 ? layer_norm_detail::rows_avx2
+                                                     : layer_norm_detail::rows_ref;
   const int64_t tasks = (args.rows + kRowsPerTask - 1) / kRowsPerTask;
   auto task = [&](size_t t) {
     const int64_t r0 = int64_t(t) * kRowsPerTask, r1 = std::min(args.rows, r0 + kRowsPerTask);
-    if (avx512) {
-      layer_norm_detail::rows_avx512(args, r0, r1);
-    } else if (avx2) {
-      layer_norm_detail::rows_avx2(args, r0, r1);
-    } else {
-      layer_norm_detail::rows_ref(args, r0, r1);
-    }
+    rows(args, r0, r1);
   };
   run_tasks(runner, size_t(tasks), task);
 }

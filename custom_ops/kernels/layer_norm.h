@@ -30,9 +30,11 @@ struct LayerNormArgs {
   uint8_t* row_zero_point = nullptr;  // [rows]
 };
 
+enum class LayerNormPath { kScalar, kAvx2, kAvx512 };
 // The path a linear-kernel ISA level selects: AVX-512 from kAvx512Vnni up, AVX2 at kAvx2,
 // else scalar.
-bool layer_norm_uses_avx512(Isa isa);
+LayerNormPath layer_norm_path(Isa isa);
+const char* layer_norm_path_name(LayerNormPath path);  // "scalar", "avx2", "avx512"
 
 // Throws std::invalid_argument naming what is wrong in the inputs (sizes, epsilon): callers
 // check before allocating outputs.

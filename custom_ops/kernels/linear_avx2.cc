@@ -137,17 +137,16 @@ class LinearAvx2 final : public LinearKernel {
       const auto& w = rg.w[i];
       groups_[i] = Group{rg.kg[i], pair(w[0], w[1]), pair(w[2], w[3])};
     }
-    // Each channel's groups in K order (int32 sums do not depend on the order), then where each
-    // K slice starts in them.
+    // Where each K slice starts in each channel's groups, which row_groups_1x4 yields in K order
+    // (the blob's block columns are validated strictly ascending).
     const double density = double(rg.kg.size()) / double(std::max<int64_t>(1, n() * groups_along_k_));
     const bool sliced = groups_along_k_ > 2 * kSliceGroups && density >= kSliceMinDensity;
     const int64_t slice_groups = sliced ? kSliceGroups : std::max<int64_t>(1, groups_along_k_);
     slices_ = (groups_along_k_ + slice_groups - 1) / slice_groups;
     slice_ptr_.resize(size_t(n() * (slices_ + 1)));
     for (int64_t c = 0; c < n(); ++c) {
-      Group* first = groups_.data() + row_ptr_[size_t(c)];
-      Group* last = groups_.data() + row_ptr_[size_t(c + 1)];
-      std::sort(first, last, [](const Group& x, const Group& y) { return x.kg < y.kg; });
+      const Group* first = groups_.data() + row_ptr_[size_t(c)];
+      const Group* last = groups_.data() + row_ptr_[size_t(c + 1)];
       for (int64_t q = 0; q <= slices_; ++q) {
         const Group* at = std::lower_bound(first, last, uint32_t(q * slice_groups),
                                            [](const Group& x, uint32_t kg) { return x.kg < kg; });

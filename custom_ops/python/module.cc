@@ -209,7 +209,13 @@ class PyLinear {
 std::optional<AttentionPath> attention_path_arg(const std::optional<std::string>& name) {
   if (!name || *name == "auto") return std::nullopt;
   const auto path = parse_attention_path(*name);
-  if (!path) throw std::invalid_argument("unknown attention path '" + *name + "' (ref, avx2_f32, avx512_f32, avx512_bf16, amx_bf16)");
+  if (!path) {
+    std::string names;
+    for (AttentionPath p : all_attention_paths()) {
+      names += std::string(names.empty() ? "" : ", ") + attention_path_name(p);
+    }
+    throw std::invalid_argument("unknown attention path '" + *name + "' (" + names + ")");
+  }
   return path;
 }
 
@@ -357,9 +363,7 @@ PYBIND11_MODULE(_native, m) {
   });
   m.def("layer_norm_path", [](const std::optional<std::string>& isa) {
     const Isa level = isa_arg(isa).value_or(forced_isa_from_env().value_or(best_isa()));
-    return std::string(layer_norm_uses_avx512(level) ? "avx512"
-                       : level == Isa::kAvx2         ? "avx2"
-                                                     : "scalar");
+    return std::string(layer_norm_path_name(layer_norm_path(level)));
   }, py::arg("isa") = py::none(), "The LayerNorm path an ISA level (default: this process's) runs.");
   m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("gamma"), py::arg("beta") = py::none(),
         py::arg("epsilon") = 1e-5f, py::arg("isa") = py::none(), py::arg("threads") = 1,

@@ -10,7 +10,7 @@ So, on such a CPU, every int8 weight that a MatMul/Gemm still reads through Dequ
 (the layers the sparse lowering kept on ORT, or all of them in the ``int8`` preset) is
 re-quantized to 7 bits: the weight as dequantized is quantized again with
 :func:`~fastonnx.passes.quantize_qdq.quantize_weight` (``reduce_range``). fastonnx's own kernels
-are exact on every path and keep their 8 bits. Elsewhere the pass changes nothing and says why.
+are exact on every path and keep their 8 bits. Elsewhere the pass changes nothing.
 """
 
 from __future__ import annotations
