@@ -10,17 +10,26 @@ _EXACT_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str] | None:
-    """The first CPU's feature flags; None where /proc/cpuinfo cannot be read."""
+def cpu_fields() -> dict[str, str] | None:
+    """The first CPU's /proc/cpuinfo fields ("model name", "flags", ...); None where the file
+    cannot be read."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
+                if not line.strip():
+                    break  # the first CPU's block is enough
                 key, _, value = line.partition(":")
-                if key.strip() == "flags":
-                    return frozenset(value.split())
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return None
+        return None
+    return fields or None
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The first CPU's feature flags; None where /proc/cpuinfo cannot be read."""
+    fields = cpu_fields()
+    return frozenset(fields["flags"].split()) if fields and "flags" in fields else None
 
 
 def ort_int8_saturates() -> bool:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastonnx.cpu_flags import cpu_fields
+
 # (vendor, family, model range) -> core generation, for CPUs whose VM hides the full name
 # ("AMD EPYC"): Zen 4 and Zen 5 differ in cache sizes and 512-bit datapaths, which figures need.
 _CORES = [
@@ -45,16 +47,7 @@ def describe_cpu(fields: dict[str, str]) -> str:
 
 def cpu_model() -> str:
     """The CPU's model name, family and model (every figure says which CPU it came from)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            fields: dict[str, str] = {}
-            for line in f:
-                if not line.strip():
-                    break  # the first CPU's block is enough
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or "unknown CPU"
+    fields = cpu_fields()
     return describe_cpu(fields) if fields else platform.processor() or "unknown CPU"
 
 
