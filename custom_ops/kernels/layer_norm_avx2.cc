@@ -38,11 +38,17 @@ FASTONNX_AVX2 void rows_avx2(const LayerNormArgs& a, int64_t r0, int64_t r1) {
     }
     const float var = avx2::hsum(s0) / float(d);
     const __m256 vrstd = _mm256_set1_ps(1.f / std::sqrt(var + a.epsilon));
-    for (i = 0; i < d; i += 8) {
-      const __m256i m = i < full ? _mm256_set1_epi32(-1) : tail;
-      const __m256 c = _mm256_mul_ps(_mm256_sub_ps(_mm256_maskload_ps(x + i, m), vmean), vrstd);
-      const __m256 b = a.beta ? _mm256_maskload_ps(a.beta + i, m) : _mm256_setzero_ps();
-      _mm256_maskstore_ps(y + i, m, _mm256_fmadd_ps(c, _mm256_maskload_ps(a.gamma + i, m), b));
+    // Plain loads and stores where the vector is full: on AMD Zen a masked store costs about
+    // ten times a plain one (110 vs 30 us for 128 x 384 on a Zen 3).
+    for (i = 0; i < full; i += 8) {
+      const __m256 c = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmean), vrstd);
+      const __m256 b = a.beta ? _mm256_loadu_ps(a.beta + i) : _mm256_setzero_ps();
+      _mm256_storeu_ps(y + i, _mm256_fmadd_ps(c, _mm256_loadu_ps(a.gamma + i), b));
+    }
+    if (full < d) {
+      const __m256 c = _mm256_mul_ps(_mm256_sub_ps(_mm256_maskload_ps(x + full, tail), vmean), vrstd);
+      const __m256 b = a.beta ? _mm256_maskload_ps(a.beta + full, tail) : _mm256_setzero_ps();
+      _mm256_maskstore_ps(y + full, tail, _mm256_fmadd_ps(c, _mm256_maskload_ps(a.gamma + full, tail), b));
     }
     // A NaN or infinite y makes the quantizer's scale NaN; the whole y row then becomes NaN.
     int32_t zp = 0;

@@ -34,68 +34,91 @@ struct Group {
   int32_t w23;
 };
 
-FASTONNX_AVX2 static inline __m256 exp_ps(__m256 x) {
-  // exp(x) = 2^n * exp(r), r = x - n*ln2; degree-6 Taylor on r; 2^n built in the exponent bits.
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+// GELU with erf from Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), on N vectors step by
+// step: one vector's chain (a division, an exp, about 25 dependent operations) is ~100 cycles
+// of latency, which the out-of-order window only partly hides; interleaving 8 independent rows
+// made a 128 x 1536 GELU epilogue 4x faster on an AMD EPYC Zen 3.
+// exp(-az^2) = 2^n * exp(r), r = -az^2 - n*ln2; degree-6 Taylor on r; 2^n in the exponent bits.
+template <int N>
+FASTONNX_AVX2 static inline void gelu_ps(__m256* x) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
+  __m256 z[N], t[N], p[N], r[N], n[N];
+#pragma GCC unroll 8
+  for (int j = 0; j < N; ++j) {
+    z[j] = _mm256_mul_ps(x[j], _mm256_set1_ps(0.70710678118654752f));
+    const __m256 az = _mm256_andnot_ps(sign_bit, z[j]);
+    t[j] = _mm256_div_ps(one, _mm256_fmadd_ps(az, _mm256_set1_ps(0.3275911f), one));
+    // -az^2 clamped to exp's range (the upper bound is 0 here).
+    r[j] = _mm256_max_ps(_mm256_mul_ps(_mm256_xor_ps(az, sign_bit), az), _mm256_set1_ps(-87.f));
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < N; ++j) {
+    p[j] = _mm256_fmadd_ps(_mm256_set1_ps(1.061405429f), t[j], _mm256_set1_ps(-1.453152027f));
+    p[j] = _mm256_fmadd_ps(p[j], t[j], _mm256_set1_ps(1.421413741f));
+    p[j] = _mm256_fmadd_ps(p[j], t[j], _mm256_set1_ps(-0.284496736f));
+    p[j] = _mm256_fmadd_ps(p[j], t[j], _mm256_set1_ps(0.254829592f));
+    p[j] = _mm256_mul_ps(p[j], t[j]);
+    n[j] = _mm256_round_ps(_mm256_mul_ps(r[j], _mm256_set1_ps(1.44269504088896341f)),
+                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r[j] = _mm256_fnmadd_ps(n[j], _mm256_set1_ps(0.693359375f), r[j]);
+    r[j] = _mm256_fnmadd_ps(n[j], _mm256_set1_ps(-2.12194440e-4f), r[j]);
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < N; ++j) {
+    __m256 q = _mm256_fmadd_ps(_mm256_set1_ps(1.f / 720), r[j], _mm256_set1_ps(1.f / 120));
+    q = _mm256_fmadd_ps(q, r[j], _mm256_set1_ps(1.f / 24));
+    q = _mm256_fmadd_ps(q, r[j], _mm256_set1_ps(1.f / 6));
+    q = _mm256_fmadd_ps(q, r[j], _mm256_set1_ps(0.5f));
+    q = _mm256_fmadd_ps(q, r[j], one);
+    q = _mm256_fmadd_ps(q, r[j], one);
+    const __m256i bits =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n[j]), _mm256_set1_epi32(127)), 23);
+    const __m256 e = _mm256_mul_ps(q, _mm256_castsi256_ps(bits));
+    const __m256 erf_abs = _mm256_fnmadd_ps(p[j], e, one);
+    const __m256 erf = _mm256_or_ps(erf_abs, _mm256_and_ps(sign_bit, z[j]));
+    x[j] = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x[j]), _mm256_add_ps(one, erf));
+  }
 }
 
-// GELU with erf from Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7).
-FASTONNX_AVX2 static inline __m256 gelu_ps(__m256 x) {
-  const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f));
-  const __m256 sign_bit = _mm256_set1_ps(-0.f);
-  const __m256 az = _mm256_andnot_ps(sign_bit, z);
-  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.f),
-                                 _mm256_fmadd_ps(az, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.f)));
-  __m256 p = _mm256_set1_ps(1.061405429f);
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
-  p = _mm256_mul_ps(p, t);
-  const __m256 e = exp_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), az), az));
-  const __m256 erf_abs = _mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.f));
-  const __m256 erf = _mm256_or_ps(erf_abs, _mm256_and_ps(sign_bit, z));
-  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(_mm256_set1_ps(1.f), erf));
-}
-
-// Vector epilogue of one row: acc8 holds channels n0..n0+count (count <= 8). Mirrors
-// scalar::epilogue operation for operation; raw accumulators, uint8 outputs and short rows go
-// through it.
-FASTONNX_AVX2 static void epilogue8(const LinearKernel::Epilogue& e, int64_t row, int64_t n0,
-                                    int64_t count, __m256i acc8) {
+// Vector epilogue of up to 8 rows row0.. (v[r] holds row row0 + r's channels n0..n0+count,
+// count <= 8). Mirrors scalar::epilogue operation for operation; raw accumulators, uint8 outputs
+// and short channel runs go through it.
+FASTONNX_AVX2 static void epilogue_rows8(const LinearKernel::Epilogue& e, int64_t row0,
+                                         int64_t rows, int64_t n0, int64_t count,
+                                         const __m256i* v) {
   if (e.args == nullptr || e.args->yq != nullptr || count < 8) {
-    alignas(32) int32_t acc[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(acc), acc8);
-    if (e.args == nullptr) {
-      std::memcpy(e.raw + row * e.n + n0, acc, size_t(count) * sizeof(int32_t));
-    } else {
-      scalar::epilogue(e, row, n0, count, acc);
+    for (int64_t r = 0; r < rows; ++r) {
+      alignas(32) int32_t acc[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(acc), v[r]);
+      if (e.args == nullptr) {
+        std::memcpy(e.raw + (row0 + r) * e.n + n0, acc, size_t(count) * sizeof(int32_t));
+      } else {
+        scalar::epilogue(e, row0 + r, n0, count, acc);
+      }
     }
     return;
   }
   const LinearArgs& a = *e.args;
-  const int64_t off = row * e.n + n0;
   const __m256i wsum = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.wsum + n0));
-  const __m256i d = _mm256_sub_epi32(acc8, _mm256_mullo_epi32(_mm256_set1_epi32(e.row_zp[row]), wsum));
-  const __m256 sx = _mm256_set1_ps(e.row_scale[row]);
-  __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(sx, _mm256_loadu_ps(e.wscale + n0)));
-  if (a.bias) y = _mm256_add_ps(y, _mm256_loadu_ps(a.bias + n0));
-  if (a.activation == Activation::kGelu) y = gelu_ps(y);
-  if (a.residual) y = _mm256_add_ps(y, _mm256_loadu_ps(a.residual + off));
-  _mm256_storeu_ps(a.y + off, y);
+  const __m256 wscale = _mm256_loadu_ps(e.wscale + n0);
+  const __m256 bias = a.bias ? _mm256_loadu_ps(a.bias + n0) : _mm256_setzero_ps();
+  __m256 y[8];
+  for (int64_t r = 0; r < 8; ++r) {
+    if (r >= rows) {  // rows past the tile's: computed (no branch in GELU), never stored
+      y[r] = _mm256_setzero_ps();
+      continue;
+    }
+    const __m256i d = _mm256_sub_epi32(v[r], _mm256_mullo_epi32(_mm256_set1_epi32(e.row_zp[row0 + r]), wsum));
+    const __m256 sx = _mm256_set1_ps(e.row_scale[row0 + r]);
+    y[r] = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(sx, wscale));
+    if (a.bias) y[r] = _mm256_add_ps(y[r], bias);
+  }
+  if (a.activation == Activation::kGelu) gelu_ps<8>(y);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t off = (row0 + r) * e.n + n0;
+    if (a.residual) y[r] = _mm256_add_ps(y[r], _mm256_loadu_ps(a.residual + off));
+    _mm256_storeu_ps(a.y + off, y[r]);
+  }
 }
 
 int32_t pair(int8_t lo, int8_t hi) {
@@ -264,9 +287,7 @@ class LinearAvx2 final : public LinearKernel {
         }
         transpose8x8(v);
         const int64_t tile_rows = std::min(kTileRows, rows - t * kTileRows);
-        for (int64_t r = 0; r < tile_rows; ++r) {
-          epilogue8(epi, b * kBlockRows + t * kTileRows + r, n0 + c0, lanes, v[r]);
-        }
+        epilogue_rows8(epi, b * kBlockRows + t * kTileRows, tile_rows, n0 + c0, lanes, v);
       }
     }
   }
